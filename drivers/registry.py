@@ -1,0 +1,68 @@
+"""Power types by MAAS ``power_type`` name.
+
+Driver modules register themselves with :func:`register`; :func:`get` looks a name up.
+Importing a driver module never imports its protocol library, so the whole registry
+loads on a host that has none of them.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .base import PowerDriver
+from .errors import UnknownPowerTypeError
+
+_DRIVERS: dict[str, type[PowerDriver]] = {}
+
+# Modules holding the built-in drivers; each registers on import.
+BUILTIN_MODULES: tuple[str, ...] = (
+    "drivers.ipmi",
+    "drivers.redfish",
+    "drivers.virsh",
+    "drivers.manual",
+)
+_loaded = False
+
+
+class DuplicatePowerTypeError(ValueError):
+    """A second driver tried to register a power_type that is already taken."""
+
+
+def register(cls: type[PowerDriver]) -> type[PowerDriver]:
+    """Class decorator: add a driver under its ``power_type``. A duplicate is an error."""
+    name = getattr(cls, "power_type", None)
+    if not name or not isinstance(name, str):
+        raise ValueError(f"{cls.__name__} has no power_type")
+    existing = _DRIVERS.get(name)
+    if existing is not None and existing is not cls:
+        raise DuplicatePowerTypeError(
+            f"power_type {name!r} is already registered by {existing.__module__}.{existing.__name__}"
+        )
+    _DRIVERS[name] = cls
+    return cls
+
+
+def _load_builtins() -> None:
+    global _loaded
+    if not _loaded:
+        for module in BUILTIN_MODULES:
+            importlib.import_module(module)
+        _loaded = True
+
+
+def get(power_type: str) -> type[PowerDriver]:
+    """The driver class for ``power_type``. Raises :class:`UnknownPowerTypeError`."""
+    _load_builtins()
+    try:
+        return _DRIVERS[power_type]
+    except (KeyError, TypeError):
+        known = ", ".join(sorted(_DRIVERS))
+        raise UnknownPowerTypeError(
+            f"unknown power type {power_type!r} (known: {known})"
+        ) from None
+
+
+def all_drivers() -> dict[str, type[PowerDriver]]:
+    """Every registered driver, by name."""
+    _load_builtins()
+    return dict(sorted(_DRIVERS.items()))
