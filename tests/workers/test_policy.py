@@ -1,0 +1,197 @@
+"""The execution policy with an injected clock and a scripted device.
+
+These are the cases no protocol peer can stage at an exact instant (a transient error on
+the second call, a state that never settles); the real peers are driven in the drivers'
+and end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from drivers.base import Capabilities, DriverSettings, PowerDriver, PowerState
+from drivers.errors import AuthError, BusyError, UnreachableError
+from workers.policy import BmcLocks, NodeRunner, PolicySettings
+
+
+class ScriptSettings(DriverSettings):
+    pass
+
+
+class ScriptedDevice(PowerDriver):
+    """A device whose answers are a script: each call pops the next behaviour."""
+
+    power_type = "scripted"
+    description = "scripted device for policy tests"
+    settings_model = ScriptSettings
+    capabilities = Capabilities(power_query=True)
+
+    def __init__(self, state: PowerState = PowerState.OFF, key: str = "bmc-1") -> None:
+        super().__init__(ScriptSettings())
+        self.state = state
+        self.key = key
+        self.calls: list[str] = []
+        self.faults: dict[str, list[Exception]] = {}
+        self.follow = True  # whether actions change the state
+
+    def bmc_key(self) -> str:
+        return self.key
+
+    def _do(self, name: str, effect: Callable[[], None] | None = None) -> None:
+        self.calls.append(name)
+        pending = self.faults.get(name)
+        if pending:
+            raise pending.pop(0)
+        if effect and self.follow:
+            effect()
+
+    def power_on(self) -> None:
+        self._do("on", lambda: setattr(self, "state", PowerState.ON))
+
+    def power_off(self, soft: bool = False) -> None:
+        self._do("soft_off" if soft else "off", lambda: setattr(self, "state", PowerState.OFF))
+
+    def power_cycle(self) -> None:
+        self._do("cycle", lambda: setattr(self, "state", PowerState.ON))
+
+    def query(self) -> PowerState:
+        self._do("query")
+        return self.state
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def runner(clock: FakeClock, **overrides: float | int | str) -> NodeRunner:
+    settings = PolicySettings(**{"confirm_timeout": 5.0, "confirm_interval": 0.5, **overrides})  # type: ignore[arg-type]
+    return NodeRunner(settings, locks=BmcLocks(), sleep=clock.sleep, clock=clock, wall=clock, rng=lambda: 1.0)
+
+
+def test_on_for_a_running_node_sends_nothing_but_the_query() -> None:
+    dev = ScriptedDevice(PowerState.ON)
+    result = runner(FakeClock()).run("n1", dev, "on", {})
+    assert result.outcome == "ok"
+    assert dev.calls == ["query"]
+    assert result.note == "already on"
+
+
+def test_cycle_is_off_confirm_on_confirm() -> None:
+    dev = ScriptedDevice(PowerState.ON)
+    result = runner(FakeClock()).run("n1", dev, "cycle", {})
+    assert result.outcome == "ok", result.error
+    assert dev.calls == ["query", "off", "query", "on", "query"]
+    assert (result.state_before, result.state_after) == ("on", "on")
+
+
+def test_cycle_of_an_off_node_only_powers_it_on() -> None:
+    dev = ScriptedDevice(PowerState.OFF)
+    result = runner(FakeClock()).run("n1", dev, "cycle", {})
+    assert dev.calls == ["query", "on", "query"]
+    assert result.state_after == "on"
+
+
+def test_native_cycle_is_never_retried() -> None:
+    dev = ScriptedDevice(PowerState.ON)
+    dev.faults["cycle"] = [UnreachableError("no answer")]
+    result = runner(FakeClock(), cycle_mode="native").run("n1", dev, "cycle", {})
+    assert result.outcome == "error"
+    assert result.error and result.error["code"] == "unreachable"
+    assert dev.calls.count("cycle") == 1
+
+
+def test_transient_errors_are_retried_with_full_jitter_backoff() -> None:
+    clock = FakeClock()
+    dev = ScriptedDevice(PowerState.OFF)
+    dev.faults["on"] = [BusyError(), BusyError()]
+    result = runner(clock, max_attempts=3, backoff_base=0.5, backoff_max=8.0).run("n1", dev, "on", {})
+    assert result.outcome == "ok", result.error
+    assert dev.calls.count("on") == 3
+    # rng() = 1.0 gives each ceiling: 0.5 then 1.0
+    assert clock.slept[:2] == [0.5, 1.0]
+
+
+def test_fatal_errors_are_not_retried() -> None:
+    dev = ScriptedDevice(PowerState.OFF)
+    dev.faults["query"] = [AuthError("refused")]
+    result = runner(FakeClock(), max_attempts=5).run("n1", dev, "on", {})
+    assert result.outcome == "error"
+    assert result.error and result.error["code"] == "auth_failed"
+    assert result.attempts == 1
+    assert dev.calls == ["query"]
+
+
+def test_state_that_never_follows_is_a_state_mismatch() -> None:
+    clock = FakeClock()
+    dev = ScriptedDevice(PowerState.OFF)
+    dev.follow = False
+    result = runner(clock, confirm_timeout=3.0, confirm_interval=0.5).run("n1", dev, "on", {})
+    assert result.outcome == "error"
+    assert result.error and result.error["code"] == "state_mismatch"
+    assert result.state_after == "off"
+    assert 2.5 <= clock.now <= 4.0
+
+
+def test_retries_exhausted_report_the_transient_code_and_attempts() -> None:
+    dev = ScriptedDevice(PowerState.OFF)
+    dev.faults["query"] = [UnreachableError()] * 3
+    result = runner(FakeClock(), max_attempts=3).run("n1", dev, "query", {})
+    assert result.error and result.error["code"] == "unreachable"
+    assert result.attempts == 3
+
+
+def test_unexpected_driver_exception_becomes_device_error() -> None:
+    dev = ScriptedDevice(PowerState.OFF)
+    dev.faults["query"] = [RuntimeError("library bug with password=hunter2")]
+    result = runner(FakeClock()).run("n1", dev, "query", {})
+    assert result.error and result.error["code"] == "device_error"
+    assert "hunter2" not in str(result.to_dict())
+
+
+def test_one_call_in_flight_per_bmc() -> None:
+    """Two nodes behind one BMC never have calls in flight at the same time."""
+    in_flight = 0
+    peak = 0
+    guard = threading.Lock()
+
+    class Slow(ScriptedDevice):
+        def query(self) -> PowerState:
+            nonlocal in_flight, peak
+            with guard:
+                in_flight += 1
+                peak = max(peak, in_flight)
+            time.sleep(0.02)
+            with guard:
+                in_flight -= 1
+            return self.state
+
+    locks = BmcLocks()
+    r = NodeRunner(PolicySettings(), locks=locks)
+    devices = [Slow(PowerState.ON, key="shared") for _ in range(6)]
+    threads = [threading.Thread(target=r.run, args=(f"n{i}", d, "query", {})) for i, d in enumerate(devices)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peak == 1
+
+
+@pytest.mark.parametrize("action", ["on", "off", "cycle", "query"])
+def test_results_are_plain_data(action: str) -> None:
+    import json
+
+    result = runner(FakeClock()).run("n1", ScriptedDevice(PowerState.ON), action, {})
+    json.dumps(result.to_dict())
