@@ -466,6 +466,40 @@ def flower(obj: Ctx) -> None:
     ], env)
 
 
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+@guarded
+def workers(obj: Ctx, as_json: bool) -> None:
+    """Which workers consume which rack queues right now."""
+    from workers.dispatch import app_for, consumed_queues
+
+    queues = consumed_queues(app_for(obj.config), obj.config.inspect_timeout)
+    racks = {q: w for q, w in sorted(queues.items()) if q.startswith("powerq.rack.")}
+    if as_json:
+        click.echo(json.dumps(racks, indent=2))
+        return
+    click.echo(table([[q, ", ".join(w)] for q, w in racks.items()], ["queue", "workers"]))
+
+
+@main.command()
+@click.option("--dir", "workdir", default=".demo/sim", show_default=True, type=click.Path(file_okay=False))
+@click.option("--racks", default=3, show_default=True)
+@click.option("--mix", default="ipmi=20,redfish=10,virsh=10", show_default=True,
+              help="Nodes per rack of each simulated power type")
+def sim(workdir: str, racks: int, mix: str) -> None:
+    """Run a simulated fleet (real protocol peers) and write DIR/inventory.yaml; until Ctrl-C."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "tests" / "peers").is_dir():
+        fail(PlanError("powerq sim needs a source checkout (tests/peers is missing)"), False)
+    sys.path.insert(0, str(root))
+    from tests.peers import fleet
+
+    sys.exit(fleet.main(["--dir", workdir, "--racks", str(racks), "--mix", mix]))
+
+
 # -- information ---------------------------------------------------------------------------
 @main.command("drivers")
 @click.option("--json", "as_json", is_flag=True)

@@ -15,7 +15,8 @@ from drivers import registry
 from drivers.base import BootDevice
 from drivers.errors import PowerError, SettingsError
 
-from .nodeset import NodeSetError, expand, fold
+from .inventory import index_resolver
+from .nodeset import expand, fold
 from .store import Store, new_job_id
 
 ACTIONS = ("on", "off", "cycle", "query", "boot")
@@ -37,21 +38,9 @@ def _entry_field(entry: Any, name: str, position: int) -> Any:
 
 
 def resolver_for(index: Mapping[str, Any]) -> Callable[[str, str], set[str]]:
-    """Group resolver for node sets over a stored inventory index:
-    ``@rack:R``, ``@type:T``, ``@tag:X``, ``@all``."""
-
-    def resolve(kind: str, value: str) -> set[str]:
-        if kind == "all":
-            return set(index)
-        if kind == "rack":
-            return {n for n, e in index.items() if _entry_field(e, "rack", 0) == value}
-        if kind == "type":
-            return {n for n, e in index.items() if _entry_field(e, "power_type", 1) == value}
-        if kind == "tag":
-            return {n for n, e in index.items() if value in (_entry_field(e, "tags", 2) or ())}
-        raise NodeSetError(f"unknown group kind @{kind}: use @rack:, @type:, @tag: or @all")
-
-    return resolve
+    """Group resolver over a stored inventory index (``@rack:``, ``@type:``, ``@tag:``,
+    ``@all``). A group that names no node is an error, so a typo never widens a set."""
+    return index_resolver(index)
 
 
 @dataclass

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
-FAULTS = ("none", "no_answer", "slow", "auth", "busy")
+FAULTS = ("none", "no_answer", "slow", "auth", "busy", "garbage", "powering")
 
 
 @dataclass
