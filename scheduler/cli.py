@@ -62,11 +62,15 @@ def fail(exc: PowerError, as_json: bool) -> None:
             body["error"]["problems"] = exc.details["problems"]
         click.echo(json.dumps(body, indent=2))
     else:
-        click.echo(f"error [{exc.code}]: {exc.message}", err=True)
-        for problem in exc.details.get("problems", [])[:50]:
+        problems = exc.details.get("problems", [])
+        head = exc.message.splitlines()[0] if problems else exc.message
+        click.echo(f"error [{exc.code}]: {head}", err=True)
+        for problem in problems[:50]:
             where = problem.get("node") or problem.get("rack") or ""
             field = f" {problem['field']}" if problem.get("field") else ""
             click.echo(f"  {where}{field}: {problem.get('reason', '')}", err=True)
+        if len(problems) > 50:
+            click.echo(f"  ... and {len(problems) - 50} more (--json for all)", err=True)
     sys.exit(EXIT_REFUSED)
 
 
