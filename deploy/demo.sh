@@ -42,7 +42,7 @@ echo "Redis: $REDIS_URL (keys under powerq-demo:)"
 
 echo "starting the simulated fleet (3 racks x 40 nodes)..."
 rm -rf "$RUN/sim"
-"$PQ" sim --dir "$RUN/sim" --racks 3 --mix ipmi=20,redfish=10,virsh=10 >"$RUN/sim.log" 2>&1 &
+"$PQ" sim --dir "$RUN/sim" --racks 3 --mix ipmi=20,redfish=10,virsh=10 --initial on >"$RUN/sim.log" 2>&1 &
 echo $! >> "$RUN/pids"
 for _ in $(seq 1 120); do [ -f "$RUN/sim/fleet.json" ] && break; sleep 0.5; done
 [ -f "$RUN/sim/fleet.json" ] || { echo "the simulated fleet did not start; see $RUN/sim.log"; stop_all; exit 1; }
@@ -65,6 +65,9 @@ echo; echo "== powerq query @all --wait"
 "$PQ" query @all --wait
 echo; echo "== powerq cycle @rack:r2 --wait --yes"
 "$PQ" cycle @rack:r2 --wait --yes
+"$PWD/.venv/bin/python" -m tests.peers.fleet --dir "$RUN/sim" --report r2
+echo; echo "== powerq off @rack:r3 --wait --yes   (then the fleet has some nodes off)"
+"$PQ" off @rack:r3 --wait --yes | tail -1
 echo; echo "== powerq status"
 "$PQ" status
 echo

@@ -491,7 +491,9 @@ def workers(obj: Ctx, as_json: bool) -> None:
 @click.option("--racks", default=3, show_default=True)
 @click.option("--mix", default="ipmi=20,redfish=10,virsh=10", show_default=True,
               help="Nodes per rack of each simulated power type")
-def sim(workdir: str, racks: int, mix: str) -> None:
+@click.option("--initial", default="mixed", show_default=True, type=click.Choice(["on", "off", "mixed"]),
+              help="Power state the simulated nodes start in")
+def sim(workdir: str, racks: int, mix: str, initial: str) -> None:
     """Run a simulated fleet (real protocol peers) and write DIR/inventory.yaml; until Ctrl-C."""
     from pathlib import Path
 
@@ -501,7 +503,7 @@ def sim(workdir: str, racks: int, mix: str) -> None:
     sys.path.insert(0, str(root))
     from tests.peers import fleet
 
-    sys.exit(fleet.main(["--dir", workdir, "--racks", str(racks), "--mix", mix]))
+    sys.exit(fleet.main(["--dir", workdir, "--racks", str(racks), "--mix", mix, "--initial", initial]))
 
 
 # -- information ---------------------------------------------------------------------------

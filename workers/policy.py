@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from drivers.base import BootDevice, PowerDriver, PowerState
 from drivers.errors import (
+    CallTimeoutError,
     DeviceError,
     PowerError,
     SettingsError,
@@ -118,6 +119,43 @@ class NodeRunner:
         ceiling = min(self.settings.backoff_max, self.settings.backoff_base * (2 ** (attempt - 1)))
         return self.rng() * ceiling
 
+    @property
+    def hard_limit(self) -> float:
+        """Seconds a driver call may run before the watchdog gives up on it: drivers get
+        ``call_timeout`` for their own sockets; this catches libraries that ignore it."""
+        return self.settings.call_timeout * 3
+
+    def _bounded(self, driver: PowerDriver, fn: Callable[[], T], lock: threading.Lock) -> T:
+        """Run ``fn`` under the BMC lock in a watchdog thread. A call that outlives
+        :attr:`hard_limit` is reported as a timeout; it keeps the lock until it really
+        ends, so no other call reaches that BMC while it is stuck."""
+        box: dict[str, Any] = {}
+        done = threading.Event()
+
+        def target() -> None:
+            if not lock.acquire(timeout=self.hard_limit):
+                box["error"] = CallTimeoutError(
+                    f"{driver.power_type}: an earlier call to this device is still stuck"
+                )
+                done.set()
+                return
+            try:
+                box["value"] = fn()
+            except BaseException as exc:  # handed to the caller below
+                box["error"] = exc
+            finally:
+                lock.release()
+                done.set()
+
+        threading.Thread(target=target, name="powerq-call", daemon=True).start()
+        if not done.wait(self.hard_limit):
+            raise CallTimeoutError(
+                f"{driver.power_type}: no answer within {self.hard_limit:g} s (watchdog)"
+            )
+        if "error" in box:
+            raise box["error"]
+        return box["value"]  # type: ignore[no-any-return]
+
     def call(
         self, driver: PowerDriver, fn: Callable[[], T], result: NodeResult, *, retry: bool = True
     ) -> T:
@@ -130,8 +168,7 @@ class NodeRunner:
         for attempt in range(1, attempts + 1):
             result.attempts += 1
             try:
-                with lock:
-                    return fn()
+                return self._bounded(driver, fn, lock)
             except TransientError:
                 if attempt >= attempts:
                     raise

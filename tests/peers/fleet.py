@@ -80,9 +80,11 @@ class SimFleet:
 
 
 def start(workdir: Path, racks: int = 3, mix: Mix | None = None, rack_offset: int = 1,
-          password: str | None = None) -> SimFleet:
-    """Start a fleet of ``racks`` racks with ``mix`` nodes each; nodes start powered off
-    except every third, which starts on."""
+          password: str | None = None, initial: str = "mixed") -> SimFleet:
+    """Start a fleet of ``racks`` racks with ``mix`` nodes each. ``initial`` is the nodes'
+    power state: ``on``, ``off``, or ``mixed`` (every third on)."""
+    if initial not in ("on", "off", "mixed"):
+        raise ValueError("initial must be on, off or mixed")
     from tests.peers import ipmi_bmc, libvirt_sim, redfish_sim
 
     mix = mix or Mix()
@@ -101,7 +103,7 @@ def start(workdir: Path, racks: int = 3, mix: Mix | None = None, rack_offset: in
             by_type["virsh"] += libvirt_sim.make_nodes(mix.virsh, rack, prefix="vm")
     for nodes in by_type.values():
         for i, node in enumerate(nodes):
-            node.power = "on" if i % 3 == 0 else "off"
+            node.power = initial if initial != "mixed" else ("on" if i % 3 == 0 else "off")
     fleet = SimFleet(nodes=[], workdir=workdir)
     starters = {"ipmi": ipmi_bmc.start_fleet, "redfish": redfish_sim.start_fleet,
                 "virsh": libvirt_sim.start_fleet}
@@ -125,8 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", required=True, type=Path)
     parser.add_argument("--racks", type=int, default=3)
     parser.add_argument("--mix", default="ipmi=20,redfish=10,virsh=10")
+    parser.add_argument("--initial", default="mixed", choices=["on", "off", "mixed"])
+    parser.add_argument("--report", metavar="RACK", default=None,
+                        help="Print what the peers of a running fleet in --dir counted for RACK, then exit")
     args = parser.parse_args(argv)
-    fleet = start(args.dir.resolve(), racks=args.racks, mix=Mix.parse(args.mix))
+    if args.report:
+        return report(args.dir, args.report)
+    fleet = start(args.dir.resolve(), racks=args.racks, mix=Mix.parse(args.mix), initial=args.initial)
     stop = False
 
     def on_signal(*_: object) -> None:
@@ -140,12 +147,44 @@ def main(argv: list[str] | None = None) -> int:
         counts: dict[str, int] = {}
         for n in fleet.nodes:
             counts[n.power_type] = counts.get(n.power_type, 0) + 1
-        (args.dir / "fleet.json").write_text(json.dumps({"nodes": len(fleet.nodes), "types": counts}))
+        controls = {t: _control_urls(p) for t, p in fleet.peers.items()}
+        (args.dir / "fleet.json").write_text(json.dumps(
+            {"nodes": len(fleet.nodes), "types": counts, "controls": controls,
+             "racks": {n.name: n.rack for n in fleet.nodes}}))
         print(f"simulated fleet up: {len(fleet.nodes)} nodes {counts}", flush=True)
         while not stop:
             time.sleep(0.5)
     finally:
         fleet.stop()
+    return 0
+
+
+def _control_urls(peer: Any) -> list[str]:
+    if hasattr(peer, "control") and isinstance(peer.control, list):
+        return [c.url for c in peer.control]
+    return [peer.control_url]
+
+
+def report(workdir: Path, rack: str) -> int:
+    """Print the actions the peers of a running fleet counted for the nodes of ``rack``."""
+    from tests.peers.common import PeerControl
+
+    info = json.loads((workdir / "fleet.json").read_text())
+    seen: dict[str, dict[str, Any]] = {}
+    for urls in info["controls"].values():
+        for url in urls:
+            seen.update(PeerControl(url).nodes())
+    names = sorted(n for n, r in info["racks"].items() if r == rack)
+    totals: dict[str, int] = {}
+    exact = 0
+    for name in names:
+        counts = seen[name]["counts"]
+        for key in ("on", "off", "soft_off", "cycle", "reset"):
+            totals[key] = totals.get(key, 0) + int(counts.get(key, 0))
+        exact += counts.get("on", 0) == 1 and counts.get("off", 0) == 1
+    print(f"peers of rack {rack}: {len(names)} nodes; actions received: "
+          + ", ".join(f"{k} {v}" for k, v in totals.items())
+          + f"; {exact}/{len(names)} nodes got exactly one off and one on")
     return 0
 
 

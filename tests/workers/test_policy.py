@@ -195,3 +195,31 @@ def test_results_are_plain_data(action: str) -> None:
 
     result = runner(FakeClock()).run("n1", ScriptedDevice(PowerState.ON), action, {})
     json.dumps(result.to_dict())
+
+
+def test_a_call_that_never_returns_is_a_timeout_and_blocks_nothing_else() -> None:
+    """A library that ignores its timeout (pyghmi's login loop) cannot hang a worker."""
+    release = threading.Event()
+
+    class Stuck(ScriptedDevice):
+        def query(self) -> PowerState:
+            self.calls.append("query")
+            release.wait(10)
+            return self.state
+
+    locks = BmcLocks()
+    settings = PolicySettings(call_timeout=0.1, max_attempts=1)
+    stuck = Stuck(PowerState.ON, key="bmc-stuck")
+    started = time.monotonic()
+    result = NodeRunner(settings, locks=locks).run("n1", stuck, "query", {})
+    assert result.error and result.error["code"] == "timeout"
+    assert time.monotonic() - started < 2
+    # A second node behind the same BMC is not sent anything while the first call is stuck.
+    other = ScriptedDevice(PowerState.ON, key="bmc-stuck")
+    result = NodeRunner(settings, locks=locks).run("n2", other, "query", {})
+    assert result.error and result.error["code"] == "timeout"
+    assert other.calls == []
+    release.set()
+    time.sleep(0.05)
+    result = NodeRunner(settings, locks=locks).run("n2", other, "query", {})
+    assert result.outcome == "ok" and other.calls == ["query"]
