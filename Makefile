@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml deploy/bootstrap.sh
 venv: $(STAMP)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check drivers workers scheduler tests
+	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
 demo: $(STAMP)

@@ -31,7 +31,8 @@ def new_job_id() -> str:
 
 @dataclass
 class Store:
-    client: redis.Redis
+    client: Any
+    """A ``redis.Redis`` with ``decode_responses=True`` (redis-py's stubs cannot say so)."""
     prefix: str = "powerq"
     result_ttl: int = 7 * 24 * 3600
     events_maxlen: int = 100_000

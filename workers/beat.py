@@ -64,7 +64,7 @@ class PollScheduler(Scheduler):
         return cfg if isinstance(cfg, Config) else Config.from_env()
 
     def setup_schedule(self) -> None:
-        self.data = {}
+        self.data: dict[str, ScheduleEntry] = {}
         self._rebuild()
 
     def _rebuild(self) -> None:
