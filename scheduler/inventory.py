@@ -10,11 +10,12 @@ scheduler can plan without ever decrypting anything.
 Redis layout (``<prefix>`` is :attr:`Config.key_prefix`), replaced as a whole by each save:
 
 - ``<prefix>:inventory`` hash: node name -> JSON ``{"rack", "power_type", "params",
-  "tags"}``; a secret parameter is stored as ``{"$enc": "<fernet token>"}``
-- ``<prefix>:inventory:index`` hash: node name -> JSON ``{"rack", "power_type", "tags"}``
-  (what planning and node-set groups need; no parameters at all)
+  "tags", "pdu", "priority"}``; a secret parameter is stored as ``{"$enc": "<fernet token>"}``
+- ``<prefix>:inventory:index`` hash: node name -> JSON ``{"rack", "power_type", "tags",
+  "pdu", "priority"}`` (what planning and node-set groups need; no parameters at all)
 - ``<prefix>:inventory:meta`` hash: ``loaded_at`` (epoch seconds), ``count``, ``source``,
-  ``stamp`` (a random token new at each save: :meth:`InventoryStore.stamp`)
+  ``stamp`` (a random token new at each save: :meth:`InventoryStore.stamp`), and
+  ``budgets`` (JSON of :meth:`Budgets.to_dict`) when the inventory declares any
 
 Only :mod:`drivers.registry` and the drivers' settings models are needed: no protocol
 library (pyghmi, sushy, libvirt) is imported.
@@ -28,7 +29,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple, TypedDict
@@ -40,6 +41,7 @@ from drivers import registry
 from drivers.base import DriverSettings, PowerDriver
 from drivers.errors import SettingsError
 
+from .budget import DEFAULT_PRIORITY, BudgetError, Budgets, parse_budgets
 from .nodeset import NodeSetError, Resolver, expand, natural_key, natural_sorted
 from .secrets import SecretBox
 
@@ -61,11 +63,12 @@ NAME_RE = re.compile(r"[A-Za-z0-9._-]+\Z")
 GROUP_KINDS = ("all", "rack", "type", "tag")
 """Node-set groups the inventory resolves: ``@all``, ``@rack:X``, ``@type:Y``, ``@tag:Z``."""
 
-_TOP_KEYS = ("nodes", "secrets_file", "defaults")
-_NODE_KEYS = ("name", "rack", "power_type", "power_parameters", "tags")
+_TOP_KEYS = ("nodes", "secrets_file", "defaults", "budgets")
+_NODE_KEYS = ("name", "rack", "power_type", "power_parameters", "tags", "pdu", "priority")
 _ENC = "$enc"
 _JSON = "$json"
 _INVENTORY = "(inventory)"
+_BUDGETS = "(budgets)"
 
 
 # --------------------------------------------------------------------------- records
@@ -76,7 +79,7 @@ class Problem(TypedDict):
 
     node: str
     """The node's name, ``#<n>`` (its 1-based entry) when it has no usable name, or
-    ``(inventory)`` / ``(defaults)`` for the file as a whole."""
+    ``(inventory)`` / ``(defaults)`` / ``(budgets)`` for the file as a whole."""
     field: str
     """The key or power parameter at fault, or ``""``."""
     reason: str
@@ -98,11 +101,18 @@ class InventoryError(SettingsError):
 
 
 class NodeInfo(NamedTuple):
-    """What the scheduler knows of a node without its parameters."""
+    """What the scheduler knows of a node without its parameters.
+
+    New fields are only ever added at the end, with defaults: ``info[0]``, ``info[1]``,
+    ``info[2]`` stay rack, power type and tags."""
 
     rack: str
     power_type: str
     tags: tuple[str, ...]
+    pdu: str | None = None
+    """The PDU or circuit the node draws from (for power budgets), if the inventory says."""
+    priority: int = DEFAULT_PRIORITY
+    """Power-on order: lower values start first."""
 
 
 @dataclass(frozen=True, repr=False)
@@ -117,10 +127,14 @@ class InventoryNode:
     tags: tuple[str, ...] = ()
     secret_fields: frozenset[str] = frozenset()
     """Which of ``params`` are secret (encrypted at rest, masked on display)."""
+    pdu: str | None = None
+    """The PDU or circuit the node draws from, for power budgets; None if not given."""
+    priority: int = DEFAULT_PRIORITY
+    """Power-on order: lower values start first."""
 
     @property
     def info(self) -> NodeInfo:
-        return NodeInfo(self.rack, self.power_type, self.tags)
+        return NodeInfo(self.rack, self.power_type, self.tags, self.pdu, self.priority)
 
     def public_params(self) -> dict[str, Any]:
         """``params`` with every non-empty secret replaced by ``"***"``."""
@@ -137,6 +151,8 @@ class InventoryNode:
             "power_type": self.power_type,
             "params": self.public_params(),
             "tags": list(self.tags),
+            "pdu": self.pdu,
+            "priority": self.priority,
         }
 
     def driver_class(self) -> type[PowerDriver]:
@@ -151,7 +167,7 @@ class InventoryNode:
         return (
             f"InventoryNode(name={self.name!r}, rack={self.rack!r}, "
             f"power_type={self.power_type!r}, params={self.public_params()!r}, "
-            f"tags={self.tags!r})"
+            f"tags={self.tags!r}, pdu={self.pdu!r}, priority={self.priority!r})"
         )
 
 
@@ -197,6 +213,8 @@ class Inventory:
     nodes: dict[str, InventoryNode]
     source: str = ""
     """Where it was read from (a path), for display."""
+    budgets: Budgets = field(default_factory=Budgets)
+    """The power budgets of the top-level ``budgets:`` (none when absent)."""
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -217,7 +235,7 @@ class Inventory:
         return out
 
     def index(self) -> dict[str, NodeInfo]:
-        """Node name -> (rack, power_type, tags)."""
+        """Node name -> (rack, power_type, tags, pdu, priority)."""
         return {name: node.info for name, node in self.nodes.items()}
 
     @cached_property
@@ -282,6 +300,9 @@ class _Loader:
         self.problems: list[Problem] = []
         self.secrets: dict[str, Any] | None = None
         self.secrets_error: str | None = None
+        self.racks_named: set[str] = set()
+        """Every rack and PDU some entry names, valid or not (to check budgets against)."""
+        self.pdus_named: set[str] = set()
 
     def problem(self, node: str, field: str, reason: str) -> None:
         self.problems.append(Problem(node=node, field=field, reason=reason))
@@ -317,9 +338,10 @@ class _Loader:
             if node is not None:
                 nodes[node.name] = node
         self.check_targets(nodes)
+        budgets = self.load_budgets(doc.get("budgets"))
         if self.problems:
             raise InventoryError(self.summary(), problems=self.problems)
-        return Inventory(nodes=nodes, source=str(self.path))
+        return Inventory(nodes=nodes, source=str(self.path), budgets=budgets)
 
     def summary(self) -> str:
         count = len(self.problems)
@@ -397,6 +419,26 @@ class _Loader:
             out[str(power_type)] = kept
         return out
 
+    def load_budgets(self, raw: Any) -> Budgets:
+        """The ``budgets:`` section; a rack or PDU named there must be one some node names."""
+        budgets = Budgets()
+        try:
+            budgets = parse_budgets(raw)
+        except BudgetError as exc:
+            for path, reason in exc.problems:
+                self.problem(_BUDGETS, path, reason)
+        if not isinstance(raw, dict):
+            return budgets
+        for section, named, noun in (
+            ("racks", self.racks_named, "no node is in rack"),
+            ("pdus", self.pdus_named, "no node draws from PDU"),
+        ):
+            entries = raw.get(section)
+            for name in entries if isinstance(entries, dict) else ():
+                if isinstance(name, str) and name not in named:
+                    self.problem(_BUDGETS, f"budgets.{section}.{name}", f"{noun} {name!r}")
+        return budgets
+
     def resolve_ref(self, ref: dict[Any, Any]) -> tuple[Any, str | None]:
         """``({env: VAR} | {file: key})`` -> (value, None) or (None, reason)."""
         if len(ref) != 1 or next(iter(ref)) not in ("env", "file"):
@@ -464,7 +506,15 @@ class _Loader:
             if key not in _NODE_KEYS:
                 self.problem(label, str(key), f"unknown key (expected {', '.join(_NODE_KEYS)})")
         rack = self.check_name(label, "rack", entry.get("rack"))
+        if rack is not None:
+            self.racks_named.add(rack)
         tags = self.load_tags(label, entry.get("tags"))
+        pdu: str | None = None
+        if entry.get("pdu") is not None:
+            pdu = self.check_name(label, "pdu", entry["pdu"])
+            if pdu is not None:
+                self.pdus_named.add(pdu)
+        priority = self.load_priority(label, entry.get("priority"))
 
         driver: type[PowerDriver] | None = None
         power_type = entry.get("power_type")
@@ -508,7 +558,20 @@ class _Loader:
             params=params,
             tags=tags,
             secret_fields=frozenset(secret_fields),
+            pdu=pdu,
+            priority=priority,
         )
+
+    def load_priority(self, label: str, raw: Any) -> int:
+        if raw is None:
+            return DEFAULT_PRIORITY
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            self.problem(label, "priority", f"must be a whole number, not {_type_name(raw)}")
+            return DEFAULT_PRIORITY
+        if not -1_000_000 <= raw <= 1_000_000:
+            self.problem(label, "priority", "must be between -1000000 and 1000000")
+            return DEFAULT_PRIORITY
+        return raw
 
     def load_tags(self, label: str, raw: Any) -> tuple[str, ...]:
         if raw is None:
@@ -612,6 +675,17 @@ def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+def _pdu(data: Mapping[str, Any]) -> str | None:
+    pdu = data.get("pdu")
+    return None if pdu is None else str(pdu)
+
+
+def _priority(data: Mapping[str, Any]) -> int:
+    """A stored priority (entries saved before priorities existed have none)."""
+    value = data.get("priority", DEFAULT_PRIORITY)
+    return value if isinstance(value, int) and not isinstance(value, bool) else DEFAULT_PRIORITY
+
+
 class InventoryStore:
     """The loaded inventory in Redis, secrets encrypted one by one with ``box``.
 
@@ -651,6 +725,8 @@ class InventoryStore:
                 "power_type": node.power_type,
                 "params": params,
                 "tags": list(node.tags),
+                "pdu": node.pdu,
+                "priority": node.priority,
             },
             sort_keys=True,
         )
@@ -663,7 +739,13 @@ class InventoryStore:
         entries = {name: self._encode(node) for name, node in inventory.nodes.items()}
         index = {
             name: json.dumps(
-                {"rack": node.rack, "power_type": node.power_type, "tags": list(node.tags)},
+                {
+                    "rack": node.rack,
+                    "power_type": node.power_type,
+                    "tags": list(node.tags),
+                    "pdu": node.pdu,
+                    "priority": node.priority,
+                },
                 sort_keys=True,
             )
             for name, node in inventory.nodes.items()
@@ -674,6 +756,8 @@ class InventoryStore:
             "source": inventory.source,
             "stamp": uuid.uuid4().hex,
         }
+        if inventory.budgets:
+            meta["budgets"] = json.dumps(inventory.budgets.to_dict(), sort_keys=True)
         pipe = self._redis.pipeline(transaction=True)
         pipe.delete(self.key, self.index_key, self.meta_key)
         if entries:
@@ -723,6 +807,8 @@ class InventoryStore:
             params=params,
             tags=tuple(data.get("tags", ())),
             secret_fields=frozenset(secret),
+            pdu=_pdu(data),
+            priority=_priority(data),
         )
 
     def load_node(self, name: str) -> InventoryNode | None:
@@ -750,7 +836,8 @@ class InventoryStore:
         }
 
     def node_index(self) -> dict[str, NodeInfo]:
-        """Every node's (rack, power_type, tags), decrypting nothing: for planning and groups.
+        """Every node's (rack, power_type, tags, pdu, priority), decrypting nothing: for
+        planning and groups.
 
         Raises :class:`SettingsError` for a damaged entry, ``redis.RedisError``.
         """
@@ -762,6 +849,8 @@ class InventoryStore:
                 str(data.get("rack", "")),
                 str(data.get("power_type", "")),
                 tuple(data.get("tags", ())),
+                _pdu(data),
+                _priority(data),
             )
         return out
 
@@ -786,6 +875,8 @@ class InventoryStore:
             "power_type": data.get("power_type", ""),
             "params": params,
             "tags": list(data.get("tags", ())),
+            "pdu": _pdu(data),
+            "priority": _priority(data),
         }
 
     def stamp(self) -> str | None:
@@ -794,7 +885,23 @@ class InventoryStore:
         raw = self._redis.hget(self.meta_key, "stamp")
         return None if raw is None else _text(raw)
 
+    def budgets(self) -> Budgets:
+        """The stored power budgets (empty when none), decrypting nothing: one HGET.
+
+        Raises :class:`SettingsError` when the stored budgets are damaged,
+        ``redis.RedisError`` when Redis fails.
+        """
+        raw = self._redis.hget(self.meta_key, "budgets")
+        if raw is None:
+            return Budgets()
+        try:
+            return parse_budgets(json.loads(_text(raw)))
+        except (ValueError, SettingsError):
+            raise SettingsError(
+                "stored power budgets are damaged: load the inventory again"
+            ) from None
+
     def meta(self) -> dict[str, str]:
         """``loaded_at`` (epoch seconds), ``count``, ``source`` and ``stamp`` of the last
-        save; {} if none. Raises ``redis.RedisError``."""
+        save, and ``budgets`` (JSON) if it had any; {} if none. Raises ``redis.RedisError``."""
         return {_text(k): _text(v) for k, v in self._redis.hgetall(self.meta_key).items()}

@@ -20,6 +20,7 @@ from pydantic import SecretStr
 from drivers import registry
 from drivers.base import Capabilities, DriverSettings, PowerDriver, PowerState, param
 from drivers.errors import SettingsError
+from scheduler.budget import Budget, Budgets
 from scheduler.config import Config
 from scheduler.inventory import (
     Inventory,
@@ -433,6 +434,8 @@ def test_the_example_inventory_loads(tmp_path: Path) -> None:
     )
     assert inv.racks() == ["lab", "r12", "r13"]
     assert {n.power_type for n in inv.nodes.values()} >= {"manual"}
+    assert inv.budgets and inv.budgets.for_pdu("r12-pdu-a") is not None
+    assert inv.nodes["node001"].pdu == "r12-pdu-a"
 
 
 # --------------------------------------------------------------------------- secrets
@@ -618,7 +621,9 @@ def test_index_and_public_view_decrypt_nothing(
     index = store.node_index()
     assert index == inventory.index()
     assert index["n1"] == NodeInfo("r1", "test-inv-bmc", ("gpu", "prod"))
-    assert tuple(index["n1"]) == ("r1", "test-inv-bmc", ("gpu", "prod"))
+    # positions 0-2 stay rack, power type, tags; later fields are added at the end
+    assert tuple(index["n1"])[:3] == ("r1", "test-inv-bmc", ("gpu", "prod"))
+    assert (index["n1"].pdu, index["n1"].priority) == (None, 100)
     assert store.resolver()("rack", "r2") == {"m1", "n3", "n4"}
     view = store.public_view("n3")
     assert view is not None
@@ -691,6 +696,153 @@ def test_non_string_secret_keeps_its_type(store: InventoryStore) -> None:
     loaded = store.load_node("x")
     assert loaded is not None and loaded.params == {"pin": 1234, "empty": ""}
     assert store.public_view("x") == {**node.public_dict(), "params": {"pin": "***", "empty": ""}}
+
+
+# --------------------------------------------------------------------------- power budgets
+
+
+@pytest.fixture
+def budgeted(tmp_path: Path) -> Path:
+    return write(
+        tmp_path / "inv.yaml",
+        """\
+        budgets:
+          pdu: {max_starts: 8, window: 10s}
+          pdus: {pdu-a1: {max_starts: 4, window: 500ms}}
+          rack: {max_starts: 20, window: 2m}
+          racks: {r2: {max_starts: 10, window: 5}}
+          global: {max_starts: 100, window: 10s}
+        nodes:
+          - {name: s1, rack: r1, power_type: manual, pdu: pdu-a1, priority: 10}
+          - {name: c1, rack: r1, power_type: manual, pdu: pdu-a2}
+          - {name: c2, rack: r2, power_type: manual}
+        """,
+    )
+
+
+def test_pdu_priority_and_budgets_load(budgeted: Path) -> None:
+    inv = load_inventory(budgeted)
+    assert (inv.nodes["s1"].pdu, inv.nodes["s1"].priority) == ("pdu-a1", 10)
+    assert (inv.nodes["c2"].pdu, inv.nodes["c2"].priority) == (None, 100)
+    assert inv.index()["c1"] == NodeInfo("r1", "manual", (), "pdu-a2", 100)
+    assert inv.budgets == Budgets(
+        pdu=Budget(8, 10.0),
+        pdus={"pdu-a1": Budget(4, 0.5)},
+        rack=Budget(20, 120.0),
+        racks={"r2": Budget(10, 5.0)},
+        fleet=Budget(100, 10.0),
+    )
+    assert inv.nodes["s1"].public_dict()["pdu"] == "pdu-a1"
+
+
+def test_no_budgets_section_means_no_budgets(good: Path, env: dict[str, str]) -> None:
+    inv = load_inventory(good, environ=env)
+    assert inv.budgets == Budgets() and not inv.budgets
+
+
+def test_every_budget_and_node_problem_is_reported_at_once(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "inv.yaml",
+        """\
+        budgets:
+          pdu: {max_starts: 0, window: 10s}
+          pdus:
+            pdu-a1: {max_starts: 4, window: soon}
+            pdu-zz: {max_starts: 4, window: 1s}
+          rack: {max_starts: 2}
+          racks: {r9: {max_starts: 1, window: 1s}, r1: {max_starts: 1, window: -1}}
+          global: {max_starts: 5, window: 1s, burst: 2}
+          fleet: {}
+        nodes:
+          - {name: a, rack: r1, power_type: manual, pdu: pdu-a1, priority: high}
+          - {name: b, rack: r1, power_type: manual, pdu: "p/1", priority: true}
+          - {name: c, rack: r1, power_type: manual, pdu: 7, priority: 1.5}
+          - {name: d, rack: r1, power_type: manual, priority: 2000000}
+        """,
+    )
+    with pytest.raises(InventoryError) as err:
+        load_inventory(path)
+    assert problem_keys(err.value) == {
+        ("(budgets)", "budgets.pdu.max_starts"),
+        ("(budgets)", "budgets.pdus.pdu-a1.window"),
+        ("(budgets)", "budgets.rack.window"),
+        ("(budgets)", "budgets.racks.r1.window"),
+        ("(budgets)", "budgets.global.burst"),
+        ("(budgets)", "budgets.fleet"),
+        ("(budgets)", "budgets.pdus.pdu-zz"),  # no node names them: reported as well
+        ("(budgets)", "budgets.racks.r9"),
+        ("a", "priority"),
+        ("b", "pdu"),
+        ("b", "priority"),
+        ("c", "pdu"),
+        ("c", "priority"),
+        ("d", "priority"),
+    }
+    reasons = {(p["node"], p["field"]): p["reason"] for p in err.value.problems}
+    assert "'soon'" in reasons[("(budgets)", "budgets.pdus.pdu-a1.window")]
+    assert reasons[("(budgets)", "budgets.rack.window")] == "required"
+
+
+def test_a_budget_must_name_a_rack_or_pdu_some_node_has(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "inv.yaml",
+        """\
+        budgets:
+          pdus: {pdu-a1: {max_starts: 4, window: 1s}, pdu-zz: {max_starts: 4, window: 1s}}
+          racks: {r1: {max_starts: 1, window: 1s}, r9: {max_starts: 1, window: 1s}}
+        nodes:
+          - {name: a, rack: r1, power_type: manual, pdu: pdu-a1}
+          - {name: b, rack: r2, power_type: no-such-type, pdu: pdu-b1}
+        """,
+    )
+    with pytest.raises(InventoryError) as err:
+        load_inventory(path)
+    # b is invalid, but its rack and PDU still count as named: no spurious budget problem
+    assert problem_keys(err.value) == {
+        ("b", "power_type"),
+        ("(budgets)", "budgets.pdus.pdu-zz"),
+        ("(budgets)", "budgets.racks.r9"),
+    }
+    reasons = {(p["node"], p["field"]): p["reason"] for p in err.value.problems}
+    assert reasons[("(budgets)", "budgets.racks.r9")] == "no node is in rack 'r9'"
+    assert reasons[("(budgets)", "budgets.pdus.pdu-zz")] == "no node draws from PDU 'pdu-zz'"
+
+
+def test_budgets_must_be_a_mapping(tmp_path: Path) -> None:
+    path = write(tmp_path / "inv.yaml", "budgets: [1]\nnodes: []\n")
+    with pytest.raises(InventoryError) as err:
+        load_inventory(path)
+    assert problem_keys(err.value) == {("(budgets)", "budgets")}
+
+
+def test_store_keeps_pdu_priority_and_budgets_without_decrypting(
+    redis_client: redis.Redis, prefix: str, key: str, budgeted: Path
+) -> None:
+    inv = load_inventory(budgeted)
+    InventoryStore(redis_client, prefix, SecretBox(key)).save(inv)
+    store = InventoryStore(redis_client, prefix, NoDecryptBox(key))
+    index = store.node_index()
+    assert index == inv.index()
+    assert (index["s1"].pdu, index["s1"].priority) == ("pdu-a1", 10)
+    assert store.budgets() == inv.budgets
+    assert json.loads(store.meta()["budgets"])["global"] == {"max_starts": 100, "window": 10.0}
+    assert store.load_node("s1") == inv.nodes["s1"]
+    view = store.public_view("s1")
+    assert view is not None and view == inv.nodes["s1"].public_dict()
+
+
+def test_store_without_budgets_and_old_entries(
+    store: InventoryStore, redis_client: redis.Redis, prefix: str
+) -> None:
+    assert store.budgets() == Budgets()  # nothing stored
+    # an index entry written before pdu/priority existed still reads, with the defaults
+    redis_client.hset(
+        f"{prefix}:inventory:index", "old", json.dumps({"rack": "r", "power_type": "manual"})
+    )
+    assert store.node_index()["old"] == NodeInfo("r", "manual", (), None, 100)
+    redis_client.hset(f"{prefix}:inventory:meta", "budgets", "{not json")
+    with pytest.raises(SettingsError, match="budgets are damaged"):
+        store.budgets()
 
 
 # --------------------------------------------------------------------------- isolation
