@@ -94,11 +94,13 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def parse_duration(text: str) -> float:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", text)
-    if not m:
-        raise click.BadParameter(f"{text!r} is not a duration (e.g. 60s, 5m, 1h)")
-    value = float(m.group(1))
-    return value * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+    """Seconds from ``60s``, ``5m``, ``1h``…; a bad value is a usage error."""
+    from .budget import parse_duration as parse
+
+    try:
+        return parse(text, "--every")
+    except PowerError as exc:
+        raise click.BadParameter(exc.message) from None
 
 
 def who() -> str:
