@@ -405,8 +405,9 @@ def test_peer_refuses_cipher_suite_17_with_status_0x11(nodes: list[SimNode]) -> 
 
 def need(tool: str) -> str:
     path = shutil.which(tool)
-    if path is None:
-        pytest.skip(f"{tool} is not installed")
+    # `make test` installs ipmitool and freeipmi-tools (deploy/bootstrap.sh): a missing
+    # client is a broken install step, so it fails rather than skips.
+    assert path is not None, f"{tool} is not installed: run `make test`, which installs it"
     return path
 
 
@@ -424,8 +425,9 @@ def test_ipmitool_agrees_with_the_peer(fleet: IpmiFleet, nodes: list[SimNode]) -
     assert out.returncode == 0, out.stderr
     with driver(node) as drv:
         assert drv.query() is PowerState.ON
+    assert open_sessions_after_close(fleet, node) == 0  # logout reaches the peer asynchronously
     c = counts(fleet, node)
-    assert (c["on"], c["sessions"], c["open_sessions"]) == (1, 4, 0)
+    assert (c["on"], c["sessions"]) == (1, 4)
 
 
 def test_freeipmi_ipmipower_agrees_with_the_peer(fleet: IpmiFleet, nodes: list[SimNode]) -> None:

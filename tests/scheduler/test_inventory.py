@@ -32,6 +32,7 @@ from scheduler.inventory import (
 )
 from scheduler.nodeset import NodeSetError
 from scheduler.secrets import SecretBox, generate_key, load_keys
+from tests.conftest import RedisServer
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "deploy" / "inventory.example.yaml"
@@ -528,12 +529,9 @@ class NoDecryptBox(SecretBox):
 
 
 @pytest.fixture(scope="module")
-def redis_client() -> Iterator[redis.Redis]:
-    client = redis.Redis(host="127.0.0.1", port=6379, socket_timeout=5)
-    try:
-        client.ping()
-    except redis.RedisError:
-        pytest.skip("no Redis on 127.0.0.1:6379")
+def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A client of the test session's own Redis server (tests/conftest.py)."""
+    client = redis.Redis.from_url(redis_server.url, socket_timeout=5)
     yield client
     client.close()
 
