@@ -57,24 +57,34 @@ class PollScheduler(Scheduler):
     def __init__(self, *args: Any, powerq_every: float = 60.0, **kwargs: Any) -> None:
         self.powerq_every = powerq_every
         self._inventory_stamp: str | None = None
+        self._inventory_store: Any = None
         super().__init__(*args, **kwargs)
 
     def _config(self) -> Config:
         cfg = self.app.conf.get("powerq_config")
         return cfg if isinstance(cfg, Config) else Config.from_env()
 
+    def _inventory(self) -> Any:
+        """The inventory store, built once per beat process (one Redis pool)."""
+        if self._inventory_store is None:
+            from scheduler.inventory import InventoryStore
+            from scheduler.secrets import SecretBox
+            from scheduler.store import Store
+
+            config = self._config()
+            store = Store.from_config(config)
+            self._inventory_store = InventoryStore(
+                store.client, config.key_prefix, SecretBox.from_config(config)
+            )
+        return self._inventory_store
+
     def setup_schedule(self) -> None:
         self.data: dict[str, ScheduleEntry] = {}
         self._rebuild()
 
     def _rebuild(self) -> None:
-        from scheduler.inventory import InventoryStore
-        from scheduler.secrets import SecretBox
-        from scheduler.store import Store
-
         config = self._config()
-        store = Store.from_config(config)
-        inventory = InventoryStore(store.client, config.key_prefix, SecretBox.from_config(config))
+        inventory = self._inventory()
         index = inventory.node_index()
         self._inventory_stamp = inventory.stamp()
         entries: dict[str, ScheduleEntry] = {}
@@ -95,15 +105,7 @@ class PollScheduler(Scheduler):
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
         try:
-            from scheduler.inventory import InventoryStore
-            from scheduler.secrets import SecretBox
-            from scheduler.store import Store
-
-            config = self._config()
-            store = Store.from_config(config)
-            stamp = InventoryStore(store.client, config.key_prefix,
-                                   SecretBox.from_config(config)).stamp()
-            if stamp != self._inventory_stamp:
+            if self._inventory().stamp() != self._inventory_stamp:
                 self._rebuild()
         except Exception:  # a Redis hiccup must not stop polling
             log.warning("could not check the inventory for changes", exc_info=True)
