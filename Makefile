@@ -4,13 +4,13 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo demo-stop bench lint clean
+.PHONY: venv test chaos demo demo-stop bench lint clean
 
 $(STAMP): pyproject.toml deploy/bootstrap.sh
 	bash deploy/bootstrap.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[worker,flower,test]'
+	$(PY) -m pip install -q -e '.[worker,flower,api,test]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -19,6 +19,12 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check drivers workers scheduler tests
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+# The chaos scenarios at full size (>= 1,000 node cycles under worker kills, Redis restarts,
+# a degraded fleet) and the bad-input property tests at >= 10,000 examples each.
+chaos: $(STAMP)
+	POWERQ_CHAOS_SCALE=large $(VENV)/bin/pytest -q -p no:cacheprovider -m chaos --timeout 1800 tests/chaos
+	POWERQ_HYPOTHESIS_PROFILE=chaos $(VENV)/bin/pytest -q -p no:cacheprovider -o timeout=0 tests/property
 
 demo: $(STAMP)
 	bash deploy/demo.sh

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, create_model
 
 from .errors import SettingsError, UnsupportedError
 
@@ -61,17 +61,20 @@ def param(
     scope: Scope = "bmc",
     secret: bool = False,
     choices: tuple[str, ...] | None = None,
+    ge: float | None = None,
+    le: float | None = None,
 ) -> Any:
     """Declare one power parameter (a MAAS power-parameter name) on a settings model.
 
     ``scope`` says whether the value belongs to the BMC / chassis / PDU (shared by the
     nodes behind it) or to the node itself; ``secret`` marks values that must never leave
-    the inventory store in clear (declare those fields as ``SecretStr``).
+    the inventory store in clear (declare those fields as ``SecretStr``); ``ge`` / ``le``
+    bound a number (an outlet, a port) without a validator of its own.
     """
     extra: dict[str, Any] = {"scope": scope, "secret": secret}
     if choices:
         extra["choices"] = list(choices)
-    return Field(default, description=description, json_schema_extra=extra)
+    return Field(default, description=description, json_schema_extra=extra, ge=ge, le=le)
 
 
 class DriverSettings(BaseModel):
@@ -106,6 +109,22 @@ class DriverSettings(BaseModel):
         return out
 
 
+@dataclass(frozen=True)
+class ProbedMachine:
+    """One machine found behind a chassis or pod by :meth:`PowerDriver.probe_chassis`."""
+
+    name: str
+    """A suggested node name (host-name safe), unique within the chassis."""
+    power_parameters: dict[str, Any]
+    """The node-scope parameters that address this machine (e.g. ``uuid``, ``node_id``)."""
+    power: PowerState = PowerState.UNKNOWN
+    """The power state read during the probe, when the device tells."""
+    description: str = ""
+    """What the device says the machine is (model, slot), for the operator."""
+    mac_addresses: tuple[str, ...] = ()
+    """Boot MAC addresses, when the device tells."""
+
+
 def secret_value(value: SecretStr | None) -> str:
     """The clear text of a secret field, or ``""``."""
     return value.get_secret_value() if value is not None else ""
@@ -119,6 +138,19 @@ def settings_error_from(exc: ValidationError, power_type: str) -> SettingsError:
         problems.append(f"{where}: {err.get('msg', 'invalid')}")
     return SettingsError(
         f"invalid {power_type} parameters: " + "; ".join(problems), problems=problems
+    )
+
+
+_VALIDATOR_SLIPS = (TypeError, ArithmeticError)
+"""What a driver's field validator may raise on a value of an unexpected type (``int([])``,
+``int(float("inf"))``): pydantic only turns ValueError and AssertionError into errors."""
+
+
+def _slipped(exc: Exception, power_type: str) -> SettingsError:
+    """A :class:`SettingsError` for a validator that met a value of the wrong type; the
+    library text is left out (it may quote the value)."""
+    return SettingsError(
+        f"invalid {power_type} parameters: a value has the wrong type ({type(exc).__name__})"
     )
 
 
@@ -149,6 +181,39 @@ class PowerDriver(abc.ABC):
             return cls.settings_model.model_validate(dict(params))
         except ValidationError as exc:
             raise settings_error_from(exc, cls.power_type) from None
+        except _VALIDATOR_SLIPS as exc:
+            raise _slipped(exc, cls.power_type) from None
+
+    @classmethod
+    def validate_chassis(cls, params: Mapping[str, Any]) -> DriverSettings:
+        """Parse only the chassis (``scope="bmc"``) parameters: node-scope ones may be
+        missing. Used to probe a chassis before any node is known. Raises
+        :class:`SettingsError`."""
+        fields: dict[str, Any] = {}
+        for name, info in cls.settings_model.model_fields.items():
+            if name in cls.settings_model.node_fields():
+                fields[name] = (info.annotation | None, None)  # type: ignore[operator]
+        chassis_model = create_model(  # type: ignore[call-overload]
+            f"{cls.settings_model.__name__}Chassis", __base__=cls.settings_model, **fields
+        )
+        # A node parameter given as None is absent here: its validators expect a value.
+        data = {k: v for k, v in dict(params).items() if v is not None or k not in fields}
+        try:
+            return chassis_model.model_validate(data)  # type: ignore[no-any-return]
+        except ValidationError as exc:
+            raise settings_error_from(exc, cls.power_type) from None
+        except _VALIDATOR_SLIPS as exc:
+            raise _slipped(exc, cls.power_type) from None
+
+    @classmethod
+    def probe_chassis(
+        cls, params: Mapping[str, Any], *, timeout: float = 10.0
+    ) -> list[ProbedMachine]:
+        """List the machines behind the chassis / pod that ``params`` (chassis-scope
+        parameters, see :meth:`validate_chassis`) address. Drivers with
+        ``capabilities.chassis_probe`` override this; the default raises
+        :class:`UnsupportedError`."""
+        raise UnsupportedError(f"{cls.power_type} cannot probe a chassis")
 
     def bmc_key(self) -> str:
         """Identity of the device this node is reached through: at most one call in
@@ -178,9 +243,13 @@ class PowerDriver(abc.ABC):
         """Set the next boot device. Raises :class:`UnsupportedError` unless overridden."""
         raise UnsupportedError(f"{self.power_type} cannot set the boot device")
 
-    def probe(self) -> list[dict[str, Any]]:
-        """List the machines behind a chassis or pod. Unsupported unless overridden."""
-        raise UnsupportedError(f"{self.power_type} cannot probe a chassis")
+    def create_user(self, username: str, password: str) -> dict[str, Any]:
+        """Create, or reset if it exists, a BMC account ``username`` with ``password`` and
+        the rights powerq needs, using this driver's current (admin) credentials. Returns
+        the parameter updates to use from now on (e.g. ``power_user`` / ``power_pass``).
+        Drivers with ``capabilities.bmc_enlistment`` override this; the default raises
+        :class:`UnsupportedError`."""
+        raise UnsupportedError(f"{self.power_type} cannot create BMC users")
 
     def close(self) -> None:  # noqa: B027 - optional hook, empty by default
         """Release sessions and connections. Never raises."""

@@ -54,6 +54,7 @@ from .errors import (
     CallTimeoutError,
     DeviceError,
     PowerError,
+    SettingsError,
     ToolMissingError,
     UnreachableError,
     UnsupportedError,
@@ -72,6 +73,9 @@ IDLE_RELOGIN = 20.0
 
 PRIVILEGE_LEVELS: dict[str, int] = {"USER": 2, "OPERATOR": 3, "ADMIN": 4}
 """IPMI privilege level numbers (IPMI 2.0 table 6-4)."""
+
+USER_ACCESS_LEVELS: dict[str, str] = {"USER": "user", "OPERATOR": "operator", "ADMIN": "administrator"}
+"""``privilege_level`` -> pyghmi's name for the user privilege limit it sets."""
 
 PYGHMI_BOOT_DEVICES: dict[BootDevice, str] = {
     BootDevice.PXE: "network",
@@ -153,6 +157,11 @@ def classify_pyghmi_error(
     if isinstance(exc, OSError):
         return UnreachableError(f"{where}: network error ({type(exc).__name__})")
     if isinstance(exc, struct.error | IndexError | AssertionError | TypeError):
+        if not logged_in:
+            # A garbled packet while logging in (a late retransmit, a reply meant for an
+            # earlier session under load): nothing was sent to the node yet, so another
+            # login is safe. Transient, retried by the policy (seen in the chaos tests).
+            return UnreachableError(f"{where}: malformed reply from the BMC while logging in")
         return DeviceError(f"{where}: malformed reply from the BMC")
     text = exc.args[0] if exc.args else None
     code = getattr(exc, "ipmicode", 0) or 0
@@ -309,6 +318,19 @@ class IPMISettings(DriverSettings):
         return value.strip().lower()
 
 
+def _untangle_pyghmi_locks() -> None:
+    """pyghmi 1.6 guards its session tables with two locks taken in opposite orders:
+    ``awaitresponse`` holds WAITING_SESSIONS and, when a session times out, takes
+    KEEPALIVE_SESSIONS (via ``_mark_broken``); ``send_payload`` holds KEEPALIVE_SESSIONS
+    and takes WAITING_SESSIONS. Two node threads doing both deadlock the whole worker
+    process (found by the chaos tests). Both are re-entrant locks guarding short
+    bookkeeping, so making them one lock removes the inversion at little cost."""
+    from pyghmi.ipmi.private import session as pyghmi_session
+
+    if pyghmi_session.KEEPALIVE_SESSIONS is not pyghmi_session.WAITING_SESSIONS:
+        pyghmi_session.KEEPALIVE_SESSIONS = pyghmi_session.WAITING_SESSIONS
+
+
 @register
 class IPMIDriver(PowerDriver):
     """IPMI 2.0 over RMCP+ (pyghmi). One session per instance; ``close()`` logs out."""
@@ -321,7 +343,7 @@ class IPMIDriver(PowerDriver):
         power_query=True,
         chassis_probe=False,
         detailed_errors=True,
-        bmc_enlistment=False,
+        bmc_enlistment=True,
     )
     settings: IPMISettings
 
@@ -335,8 +357,9 @@ class IPMIDriver(PowerDriver):
 
     # -- the edge ------------------------------------------------------------------
 
-    def _connect(self) -> Any:
-        """The open pyghmi ``Command``, logging in if there is none (or it broke)."""
+    def _connect(self, privlevel: int | None = None) -> Any:
+        """The open pyghmi ``Command``, logging in if there is none (or it broke), at
+        ``privlevel`` (default: the settings' ``privilege_level``)."""
         cmd = self._command
         if cmd is not None:
             session = cmd.ipmi_session
@@ -347,6 +370,8 @@ class IPMIDriver(PowerDriver):
             self._logout(cmd)
         try:
             from pyghmi.ipmi import command as ipmi_command
+
+            _untangle_pyghmi_locks()
         except ImportError as exc:
             raise ToolMissingError("ipmi: the pyghmi library is not installed") from exc
         s = self.settings
@@ -358,7 +383,7 @@ class IPMIDriver(PowerDriver):
                 password=secret_value(s.power_pass).encode(),
                 port=s.power_port,
                 kg=k_g.encode() if k_g else None,
-                privlevel=PRIVILEGE_LEVELS[s.privilege_level],
+                privlevel=privlevel or PRIVILEGE_LEVELS[s.privilege_level],
             )
         except Exception as exc:
             raise classify_pyghmi_error(
@@ -475,6 +500,62 @@ class IPMIDriver(PowerDriver):
                 raise DeviceError(f"ipmi {self._where()}: set boot device: refused")
 
         self._run("set boot device", _set)
+
+    def create_user(self, username: str, password: str) -> dict[str, Any]:
+        """Create, or reset if it exists, the BMC user ``username`` with ``password``.
+
+        Logs in at ADMINISTRATOR level with the current credentials (the one session of
+        this driver is logged out first, and the admin session afterwards), finds the
+        LAN channel (Get Channel Info), takes the user id already named ``username`` or
+        else the first unnamed one from 2 up (user 1 is the null user), and sets its
+        name, its password (16-byte form up to 16 bytes, the 20-byte IPMI 2.0 form up
+        to 20), its access on the LAN channel (IPMI messaging, the privilege limit of
+        ``privilege_level``: OPERATOR by default) and enables it.
+
+        Returns ``{"power_user": username, "power_pass": password}``. Raises
+        SettingsError (name or password too long, or the admin user's own name),
+        AuthError (admin credentials refused, or no ADMINISTRATOR rights), BusyError
+        (no free user id, or the BMC busy), UnsupportedError (no LAN channel),
+        DeviceError (a refused request), UnreachableError, CallTimeoutError,
+        ToolMissingError. Messages never hold the password.
+        """
+        if not username or len(username.encode()) > 16:
+            raise SettingsError("ipmi: a BMC user name is 1 to 16 bytes")
+        if not password or len(password.encode()) > 20:
+            raise SettingsError("ipmi: a BMC password is 1 to 20 bytes")
+        if username == self.settings.power_user:
+            raise SettingsError("ipmi: the user to create must not be the admin user itself")
+        self.close()
+        self._connect(privlevel=PRIVILEGE_LEVELS["ADMIN"])
+        try:
+            self._run("create user", lambda cmd: self._create_user(cmd, username, password))
+        finally:
+            self.close()
+        return {"power_user": username, "power_pass": password}
+
+    def _create_user(self, cmd: Any, username: str, password: str) -> None:
+        where = f"ipmi {self._where()}: create user"
+        channel = cmd.get_network_channel()
+        if channel is None:
+            raise UnsupportedError(f"{where}: the BMC has no LAN channel")
+        max_users = cmd.get_user_access(1, channel)["channel_info"]["max_user_count"]
+        uid, free = None, None
+        for candidate in range(2, max_users + 1):
+            name = cmd.get_user_name(candidate, return_none_on_error=False)
+            if name == username:
+                uid = candidate
+                break
+            if name is None and free is None:
+                free = candidate
+        if uid is None:
+            if free is None:
+                raise BusyError(f"{where}: no free user id (the BMC has {max_users})")
+            uid = free
+            cmd.set_user_name(uid, username)
+        cmd.set_user_password(uid, mode="set_password", password=password)
+        cmd.set_user_access(uid, channel, callback=False, link_auth=True, ipmi_msg=True,
+                            privilege_level=USER_ACCESS_LEVELS[self.settings.privilege_level])
+        cmd.set_user_password(uid, mode="enable")
 
     def close(self) -> None:
         """Log the session out. Never raises."""

@@ -47,10 +47,12 @@ from .errors import (
     DeviceError,
     NotFoundError,
     PowerError,
+    SettingsError,
     ToolMissingError,
     UnreachableError,
     UnsupportedError,
 )
+from .httpclient import quiet_insecure_warnings
 from .registry import register
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -165,7 +167,13 @@ class RedfishDriver(PowerDriver):
     power_type = "redfish"
     description = "Redfish"
     settings_model = RedfishSettings
-    capabilities = Capabilities(pxe_next_boot=True, power_query=True, detailed_errors=True)
+    capabilities = Capabilities(
+        pxe_next_boot=True, power_query=True, detailed_errors=True, bmc_enlistment=True
+    )
+
+    enlist_role: str = "Operator"
+    """The ``RoleId`` :meth:`create_user` gives the account (power control and boot
+    overrides: Redfish's ConfigureComponents privilege)."""
 
     transient_reads: int = 4
     """How many times :meth:`query` re-reads a transient ``PowerState`` before it answers
@@ -186,6 +194,8 @@ class RedfishDriver(PowerDriver):
         self._sleep = sleep or time.sleep
         self._root: Any = None
         self._system: Any = None
+        self._hidden: tuple[str, ...] = ()
+        """Secrets besides ``power_pass`` that :meth:`_scrub` removes from BMC texts."""
 
     # -- identity -------------------------------------------------------------------
 
@@ -281,6 +291,70 @@ class RedfishDriver(PowerDriver):
                 mode=sushy.BootSourceOverrideMode("UEFI") if efi else None,
             )
 
+    def create_user(self, username: str, password: str) -> dict[str, Any]:
+        """Create, or reset if it exists, the Redfish account ``username``.
+
+        With the current (admin) credentials: find the AccountService (from the service
+        root) and its Accounts; an account already called ``username`` is PATCHed
+        (``Password``, ``RoleId`` :attr:`enlist_role`, ``Enabled``, and ``Locked`` false
+        if it was locked; with its ETag as ``If-Match``), otherwise one is POSTed
+        (``UserName``, ``Password``, ``RoleId``, ``Enabled``). sushy has no
+        AccountService, so these are plain requests on sushy's authenticated connection.
+
+        Returns ``{"power_user": username, "power_pass": password}``. Raises
+        SettingsError (the admin's own name, or an empty name / password),
+        UnsupportedError (no AccountService, or account creation refused with 405),
+        AuthError (admin credentials refused, or no right to manage accounts: 401 / 403),
+        BusyError (no free account: ``CreateLimitReachedForResource``, or the BMC busy),
+        DeviceError (any other refusal, e.g. a password the BMC's policy rejects), and
+        the transient errors. Messages never hold the password.
+        """
+        if not username or not password:
+            raise SettingsError("redfish: the account needs a user name and a password")
+        if username == self.settings.power_user:
+            raise SettingsError("redfish: the account to create must not be the admin account itself")
+        self._hidden = (password,)
+        try:
+            with self._edge("create user"):
+                self._create_user(username, password)
+        finally:
+            self._hidden = ()
+        return {"power_user": username, "power_pass": password}
+
+    def _create_user(self, username: str, password: str) -> None:
+        from sushy import exceptions as sx
+
+        root = self._connect()
+        conn = root._conn
+        where = f"redfish {self.settings.base_url}: create user"
+        service_path = (root.json.get("AccountService") or {}).get("@odata.id")
+        if not service_path:
+            raise UnsupportedError(f"{where}: the BMC has no AccountService")
+        service = conn.get(service_path).json()
+        accounts_path = (service.get("Accounts") or {}).get("@odata.id")
+        if not accounts_path:
+            raise UnsupportedError(f"{where}: the AccountService lists no Accounts")
+        settings = {"Password": password, "RoleId": self.enlist_role, "Enabled": True}
+        for member in conn.get(accounts_path).json().get("Members") or []:
+            path = member["@odata.id"]
+            response = conn.get(path)
+            account = response.json()
+            if account.get("UserName") != username:
+                continue
+            if account.get("Locked") is True:
+                settings["Locked"] = False
+            etag = response.headers.get("ETag") or account.get("@odata.etag")
+            conn.patch(path, data=settings, etag=etag)
+            return
+        try:
+            conn.post(accounts_path, data={"UserName": username, **settings})
+        except sx.HTTPError as exc:
+            if str(exc.code or "").endswith("CreateLimitReachedForResource"):
+                raise BusyError(f"{where}: no free account on the BMC") from exc
+            if exc.status_code == 405:
+                raise UnsupportedError(f"{where}: the BMC does not create accounts (HTTP 405)") from exc
+            raise
+
     def close(self) -> None:
         """Delete the Redfish session (if any) and close the HTTP connection. Never raises."""
         self._drop(delete_session=True)
@@ -323,7 +397,7 @@ class RedfishDriver(PowerDriver):
             connect_timeout=self.timeout,
         )
         if not settings.power_verify_ssl and settings.base_url.startswith("https"):
-            _quiet_insecure_warnings()
+            quiet_insecure_warnings()
         auth = _auth_class()(username=settings.power_user, password=secret_value(settings.power_pass))
         self._root = sushy.Sushy(settings.base_url, auth=auth, connector=connector)
         return self._root
@@ -440,9 +514,9 @@ class RedfishDriver(PowerDriver):
         """A BMC's error text, shortened, with the password (should it be echoed) removed."""
         if not text or not isinstance(text, str):
             return ""
-        password = secret_value(self.settings.power_pass)
-        if password:
-            text = text.replace(password, "***")
+        for password in (secret_value(self.settings.power_pass), *self._hidden):
+            if password:
+                text = text.replace(password, "***")
         return text[:200]
 
 
@@ -512,14 +586,3 @@ def _auth_class() -> type:
     return _CLASSES["auth"]
 
 
-_warnings_quieted = False
-
-
-def _quiet_insecure_warnings() -> None:
-    """BMC certificates are not verified unless asked (as in MAAS): don't warn per call."""
-    global _warnings_quieted
-    if not _warnings_quieted:
-        import urllib3
-
-        urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-        _warnings_quieted = True

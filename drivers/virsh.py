@@ -36,6 +36,7 @@ from __future__ import annotations
 import re
 import threading
 import xml.etree.ElementTree as ET
+from collections.abc import Mapping
 from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit
 
@@ -47,6 +48,7 @@ from .base import (
     DriverSettings,
     PowerDriver,
     PowerState,
+    ProbedMachine,
     param,
     secret_value,
 )
@@ -449,8 +451,17 @@ class VirshDriver(PowerDriver):
             raise DeviceError(f"virsh: unreadable definition of {self._where()}") from exc
         self._call("define", self._connection().defineXML, new_xml)
 
-    def probe(self) -> list[dict[str, Any]]:
-        """Every domain of the hypervisor: ``[{"power_id": name, "power": state}]``."""
+    @classmethod
+    def probe_chassis(
+        cls, params: Mapping[str, Any], *, timeout: float = 10.0
+    ) -> list[ProbedMachine]:
+        """Every domain of the hypervisor, by name, with its power state."""
+        with cls(cls.validate_chassis(params), timeout=timeout) as driver:
+            assert isinstance(driver, VirshDriver)
+            return driver.list_domains()
+
+    def list_domains(self) -> list[ProbedMachine]:
+        """Every domain of the hypervisor this driver is connected to."""
         conn = self._connection()
         domains = self._call("list", conn.listAllDomains, 0)
         out = []
@@ -459,7 +470,8 @@ class VirshDriver(PowerDriver):
                 power = self._map_state(self._state(dom))
             except NotFoundError:  # undefined while we listed
                 continue
-            out.append({"power_id": dom.name(), "power": str(power)})
+            out.append(ProbedMachine(name=dom.name(), power_parameters={"power_id": dom.name()},
+                                     power=power, description="libvirt domain"))
         return out
 
     def close(self) -> None:

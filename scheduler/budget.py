@@ -116,7 +116,7 @@ def parse_duration(value: Any, path: str = "window") -> float:
     if isinstance(value, bool):
         raise SettingsError(f"{path}: must be a duration such as 10s, 500ms or 2m, not a boolean")
     if isinstance(value, int | float):
-        seconds = float(value)
+        seconds = float(value) if isinstance(value, float) or abs(value) < 2**1000 else math.inf
     elif isinstance(value, str) and (match := _DURATION_RE.match(value)):
         seconds = float(match.group(1)) * _UNITS[match.group(2)]
     else:

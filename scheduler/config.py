@@ -41,6 +41,18 @@ class Config:
     confirm_threshold: int = _opt(
         20, "off / cycle over more than this many nodes asks for confirmation (--yes skips)"
     )
+    confirm_racks: int = _opt(
+        1, "off / cycle over more than this many racks asks for confirmation (--yes skips)"
+    )
+    max_nodes: int = _opt(
+        1000, "off / cycle over more than this many nodes is refused without --force (0: no limit)"
+    )
+    max_racks: int = _opt(
+        20, "off / cycle over more than this many racks is refused without --force (0: no limit)"
+    )
+    release_lead: float = _opt(
+        1.0, "Seconds between submitting a power-on timeline and its first planned start"
+    )
     inspect_timeout: float = _opt(
         1.5, "Seconds to wait for workers to say which rack queues they consume"
     )
@@ -60,6 +72,14 @@ class Config:
     task_time_limit: float = _opt(
         600.0, "Hard time limit of one chunk task in seconds (soft limit is 30 s less)"
     )
+    redis_retry_for: float = _opt(
+        30.0, "Seconds a lost Redis connection is retried before an operation fails (a restart)"
+    )
+    visibility_timeout: float = _opt(
+        3600.0,
+        "Redis broker: seconds before an unacknowledged chunk (its worker died) is delivered "
+        "again; longer than any chunk may run (task time limit plus a power-on timeline)",
+    )
     cycle_mode: str = _opt(
         "off-on",
         "How a cycle runs: 'off-on' (off, confirm, on, confirm) or 'native' (the device's cycle)",
@@ -77,6 +97,97 @@ class Config:
     flower_port: int = _opt(5555, "Port Flower listens on")
     flower_basic_auth: str = _opt(
         "", "user:password for Flower; empty means generate one and print it", secret=True
+    )
+
+    # REST API and MAAS webhook (issue 7; scheduler/api.py)
+    api_host: str = _opt("127.0.0.1", "Address `powerq api` binds to")
+    api_port: int = _opt(8470, "Port `powerq api` listens on")
+    api_state_fresh: float = _opt(
+        5.0, "MAAS query: a stored state older than this many seconds is refreshed by a query job"
+    )
+    api_query_wait: float = _opt(
+        4.0, "MAAS query: seconds to wait for that query job before answering with the stored state"
+    )
+    api_inflight_ttl: float = _opt(
+        120.0, "MAAS on/off: seconds a node's running job blocks a second job for the same action"
+    )
+    api_workers_cache: float = _opt(
+        10.0,
+        "Seconds between the API's background checks of which rack queues have a worker "
+        "(a rack not seen there is checked live before a job is refused)",
+    )
+    api_audit_maxlen: int = _opt(100_000, "Approximate length cap of the API audit stream")
+
+    # Fleet page (issue 7; scheduler/fleetpage.py)
+    fleet_fresh_age: float = _opt(
+        60.0, "Fleet page: a state read less than this many seconds ago is drawn fresh"
+    )
+    fleet_stale_age: float = _opt(
+        900.0, "Fleet page: a state older than this many seconds is drawn stale (faded)"
+    )
+    fleet_snapshot_every: float = _opt(
+        15.0, "Fleet page: seconds between full snapshots on the event stream (ages, missed changes)"
+    )
+    fleet_stream_seconds: float = _opt(
+        300.0, "Fleet page: seconds one event stream lasts before the page reconnects "
+        "(its token is checked again then)"
+    )
+
+    # Observability (issue 7; scheduler/metrics.py, scheduler/logs.py)
+    log_format: str = _opt(
+        "text", "Log lines of `powerq worker`, `powerq api` and `powerq poll`: 'text' or 'json' "
+        "(one object per line with ts, level, logger, msg, job_id, node, rack, power_type)"
+    )
+    metrics_auth: bool = _opt(
+        False, "GET /metrics needs a read-scope API token (default: open, as exporters usually are)"
+    )
+    metrics_heartbeat: float = _opt(
+        5.0, "Seconds between a worker's metric writes when no chunk flushes; its in-flight "
+        "counts expire 3 heartbeats after it dies"
+    )
+
+    # Security (issue 5): Redis TLS (rediss://) and the audit stream; see scheduler/secrets.py
+    # for key rotation. A password goes in the URL (redis://:PASSWORD@host:port/0): every
+    # URL is shown with its password masked.
+    redis_ssl_ca_certs: str = _opt(
+        "", "rediss://: CA certificate file (PEM) the Redis server's certificate must chain to"
+    )
+    redis_ssl_certfile: str = _opt(
+        "", "rediss://: client certificate file (PEM), when Redis asks for one (tls-auth-clients)"
+    )
+    redis_ssl_keyfile: str = _opt("", "rediss://: private key file (PEM) of the client certificate")
+    redis_ssl_cert_reqs: str = _opt(
+        "required",
+        "rediss://: check the server's certificate: 'required' (and its host name), "
+        "'optional' or 'none' (no check: only for tests)",
+    )
+    audit_maxlen: int = _opt(
+        100_000, "Approximate length cap of the audit stream of power action requests and outcomes"
+    )
+
+    # Per-BMC protection (issue 5); see workers/bmcguard.py
+    bmc_lease: str = _opt(
+        "redis", "One call in flight per BMC: 'redis' (a lease per BMC shared by every worker "
+        "process) or 'process' (a lock inside each worker process only)"
+    )
+    bmc_lease_ttl: float = _opt(
+        15.0, "Seconds a BMC lease lives unless renewed (renewed while its call runs; a dead "
+        "worker's lease is free again after this)"
+    )
+    bmc_lease_wait: float = _opt(
+        10.0, "Seconds a call waits for a BMC lease held by another worker before it is 'busy'"
+    )
+    bmc_park_after: int = _opt(
+        5, "Consecutive failed calls (unreachable / timeout, after retries) that park a BMC "
+        "(0: never park)"
+    )
+    bmc_park_seconds: float = _opt(
+        60.0, "Seconds a parked BMC is left alone: calls to it fail at once (`powerq unpark` "
+        "releases it early)"
+    )
+    busy_backoff_max: float = _opt(
+        30.0, "Largest retry delay ceiling after a busy / no-free-session reply, in seconds "
+        "(the ceiling grows 4x per attempt from POWERQ_BACKOFF_BASE)"
     )
 
     @property
@@ -116,8 +227,30 @@ class Config:
             raise SettingsError("POWERQ_BACKOFF_BASE must be >= 0 and <= POWERQ_BACKOFF_MAX")
         if self.confirm_threshold < 0:
             raise SettingsError("POWERQ_CONFIRM_THRESHOLD must be >= 0")
+        if self.log_format not in ("text", "json"):  # Observability (issue 7)
+            raise SettingsError("POWERQ_LOG_FORMAT must be 'text' or 'json'")
+        if self.metrics_heartbeat <= 0:
+            raise SettingsError("POWERQ_METRICS_HEARTBEAT must be greater than 0")
+        if self.visibility_timeout <= self.task_time_limit + 30:
+            raise SettingsError(
+                "POWERQ_VISIBILITY_TIMEOUT must be longer than POWERQ_TASK_TIME_LIMIT + 30 s: "
+                "a running chunk must never be delivered twice"
+            )
         if self.cycle_mode not in ("off-on", "native"):
             raise SettingsError("POWERQ_CYCLE_MODE must be 'off-on' or 'native'")
+        if self.redis_ssl_cert_reqs not in _CERT_REQS:  # Security (issue 5)
+            raise SettingsError("POWERQ_REDIS_SSL_CERT_REQS must be 'required', 'optional' or 'none'")
+        if self.audit_maxlen <= 0:  # Security (issue 5)
+            raise SettingsError("POWERQ_AUDIT_MAXLEN must be greater than 0")
+        if self.bmc_lease not in ("redis", "process"):  # Per-BMC protection (issue 5)
+            raise SettingsError("POWERQ_BMC_LEASE must be 'redis' or 'process'")
+        if self.bmc_lease_ttl <= 0 or self.bmc_lease_wait < 0 or self.bmc_park_seconds <= 0:
+            raise SettingsError("POWERQ_BMC_LEASE_TTL and POWERQ_BMC_PARK_SECONDS must be "
+                                "greater than 0, POWERQ_BMC_LEASE_WAIT at least 0")
+        if self.bmc_park_after < 0:
+            raise SettingsError("POWERQ_BMC_PARK_AFTER must be >= 0")
+        if self.busy_backoff_max < self.backoff_base:
+            raise SettingsError("POWERQ_BUSY_BACKOFF_MAX must be >= POWERQ_BACKOFF_BASE")
         for name in ("redis_url", "broker_url"):
             url = getattr(self, name)
             if url and not url.startswith(("redis://", "rediss://", "unix://", "amqp://", "memory://")):
@@ -136,6 +269,30 @@ class Config:
                 shown = str(value)
             rows.append((f"POWERQ_{f.name.upper()}", shown, f.metadata.get("help", "")))
         return rows
+
+
+# -- Security (issue 5): TLS options for every Redis client ------------------------------------
+_CERT_REQS = ("required", "optional", "none")
+
+
+def redis_ssl_options(config: Config, url: str) -> dict[str, Any]:
+    """The ``ssl_*`` keyword arguments of ``redis.Redis.from_url`` (and of Celery's
+    ``broker_use_ssl`` for a Redis broker) for ``url``: empty unless it is ``rediss://``.
+    The server certificate is checked (against ``redis_ssl_ca_certs``, or the system's
+    CAs) unless ``redis_ssl_cert_reqs`` says otherwise; with 'required' its host name too."""
+    if not url.startswith("rediss://"):
+        return {}
+    import ssl
+
+    reqs = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
+    out: dict[str, Any] = {"ssl_cert_reqs": reqs[config.redis_ssl_cert_reqs],
+                           "ssl_check_hostname": config.redis_ssl_cert_reqs == "required"}
+    for name in ("ca_certs", "certfile", "keyfile"):
+        value = getattr(config, f"redis_ssl_{name}")
+        if value:
+            out[f"ssl_{name}"] = os.path.expanduser(value)
+    return out
+# -- end of Security (issue 5) ------------------------------------------------------------------
 
 
 def _coerce(name: str, type_name: Any, raw: str) -> Any:

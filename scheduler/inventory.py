@@ -29,7 +29,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple, TypedDict
@@ -268,6 +268,8 @@ def _yaml_reason(exc: Exception) -> str:
         return f"line {mark.line + 1} column {mark.column + 1}: {problem}"
     if isinstance(exc, RecursionError):
         return "not valid YAML (nested too deeply)"
+    if isinstance(exc, ValueError):
+        return "not valid YAML (a number too long to read)"
     return "not valid YAML"
 
 
@@ -280,7 +282,7 @@ def _read_yaml(path: Path, what: str, loader: type[Any]) -> Any:
         raise InventoryError(f"cannot read {what} {path}: {exc.strerror}") from None
     try:
         return yaml.load(text, Loader=loader)  # noqa: S506 - Safe/BaseLoader only
-    except (yaml.YAMLError, RecursionError) as exc:
+    except (yaml.YAMLError, RecursionError, ValueError) as exc:  # ValueError: int() limit
         raise InventoryError(f"{what} {path}: {_yaml_reason(exc)}") from None
 
 
@@ -706,8 +708,23 @@ class InventoryStore:
         self.key = f"{prefix}:inventory"
         self.index_key = f"{prefix}:inventory:index"
         self.meta_key = f"{prefix}:inventory:meta"
+        self.enlisted_key = f"{prefix}:inventory:enlisted"
+        """Credentials ``powerq enlist`` created, per node: they outlive inventory reloads."""
 
     # -- writing
+
+    def _seal(self, values: Mapping[str, Any], secret_fields: Iterable[str]) -> dict[str, Any]:
+        secret = set(secret_fields)
+        params: dict[str, Any] = {}
+        for key, value in values.items():
+            if key in secret and value not in (None, ""):
+                if isinstance(value, str):
+                    params[key] = {_ENC: self._box.encrypt(value)}
+                else:
+                    params[key] = {_ENC: self._box.encrypt(json.dumps(value)), _JSON: True}
+            else:
+                params[key] = value
+        return params
 
     def _encode(self, node: InventoryNode) -> str:
         params: dict[str, Any] = {}
@@ -811,27 +828,72 @@ class InventoryStore:
             priority=_priority(data),
         )
 
+    # -- enlisted credentials
+
+    def set_enlisted(
+        self, name: str, power_type: str, updates: Mapping[str, Any], secret_fields: Iterable[str]
+    ) -> None:
+        """Record credentials created for ``name`` by ``powerq enlist`` (secrets sealed).
+        They take precedence over the inventory's parameters, across reloads, while the
+        node keeps ``power_type``. Raises ``redis.RedisError``."""
+        record = {"power_type": power_type, "at": self._clock(),
+                  "params": self._seal(updates, secret_fields)}
+        self._redis.hset(self.enlisted_key, name, json.dumps(record, sort_keys=True))
+
+    def forget_enlisted(self, names: Iterable[str]) -> int:
+        """Drop enlisted credentials (the inventory's apply again). Returns how many."""
+        wanted = list(names)
+        return int(self._redis.hdel(self.enlisted_key, *wanted)) if wanted else 0
+
+    def enlisted(self, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """Which of ``names`` have enlisted credentials: ``{name: {"at", "power_type",
+        "fields"}}``, decrypting nothing."""
+        wanted = list(dict.fromkeys(names))
+        out: dict[str, dict[str, Any]] = {}
+        if not wanted:
+            return out
+        for name, raw in zip(wanted, self._redis.hmget(self.enlisted_key, wanted), strict=True):
+            if raw is not None:
+                data = self._parse(name, raw)
+                out[name] = {"at": data.get("at"), "power_type": data.get("power_type"),
+                             "fields": sorted(data.get("params", {}))}
+        return out
+
+    def _with_enlisted(self, node: InventoryNode, raw: Any) -> InventoryNode:
+        if raw is None:
+            return node
+        data = self._parse(node.name, raw)
+        if data.get("power_type") != node.power_type:
+            return node  # the node changed power type since: its old account no longer applies
+        extra = self._decode(node.name, json.dumps({"params": data.get("params", {})}))
+        return replace(node, params={**node.params, **extra.params},
+                       secret_fields=node.secret_fields | extra.secret_fields)
+
     def load_node(self, name: str) -> InventoryNode | None:
         """The node with its secrets decrypted (for a worker), or None if unknown.
+        Enlisted credentials replace the inventory's.
 
         Raises :class:`SettingsError` when a secret cannot be decrypted with the
         configured key or the entry is damaged; ``redis.RedisError`` when Redis fails.
         """
-        raw = self._redis.hget(self.key, name)
-        return None if raw is None else self._decode(name, raw)
+        return self.load_nodes([name]).get(name)
 
     def load_nodes(self, names: Iterable[str]) -> dict[str, InventoryNode]:
-        """The named nodes, secrets decrypted, with one HMGET; unknown names are left out.
+        """The named nodes, secrets decrypted, with one HMGET each for the inventory and
+        the enlisted credentials; unknown names are left out.
 
         Raises as :meth:`load_node`.
         """
         wanted = list(dict.fromkeys(names))
         if not wanted:
             return {}
-        values = self._redis.hmget(self.key, wanted)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hmget(self.key, wanted)
+        pipe.hmget(self.enlisted_key, wanted)
+        values, enlisted = pipe.execute()
         return {
-            n: self._decode(n, raw)
-            for n, raw in zip(wanted, values, strict=True)
+            n: self._with_enlisted(self._decode(n, raw), extra)
+            for n, raw, extra in zip(wanted, values, enlisted, strict=True)
             if raw is not None
         }
 
@@ -869,7 +931,7 @@ class InventoryStore:
             k: ("***" if isinstance(v, dict) and _ENC in v else v)
             for k, v in data.get("params", {}).items()
         }
-        return {
+        view = {
             "name": name,
             "rack": data.get("rack", ""),
             "power_type": data.get("power_type", ""),
@@ -878,6 +940,14 @@ class InventoryStore:
             "pdu": _pdu(data),
             "priority": _priority(data),
         }
+        raw_enlisted = self._redis.hget(self.enlisted_key, name)
+        if raw_enlisted is not None:
+            extra = self._parse(name, raw_enlisted)
+            if extra.get("power_type") == view["power_type"]:
+                for k, v in extra.get("params", {}).items():
+                    params[k] = "***" if isinstance(v, dict) and _ENC in v else v
+                view["enlisted_at"] = extra.get("at")
+        return view
 
     def stamp(self) -> str | None:
         """A token that changes with every save (None if nothing is stored): one HGET, to

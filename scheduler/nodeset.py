@@ -53,6 +53,8 @@ _KIND_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012
 _OPERATORS = frozenset(",!&^")
 _BLANKS = frozenset(" \t")
 _DIGITS_RE = re.compile(r"(\d+)")
+_MAX_DIGITS = 1000
+"""Longest range bound or step read as a number (Python refuses int() past 4,300 digits)."""
 
 
 class NodeSetError(SettingsError):
@@ -229,7 +231,8 @@ class _Parser:
         step = 1
         if "/" in spec:
             spec, _, step_text = spec.partition("/")
-            if not step_text.isdigit() or not step_text.isascii() or int(step_text) == 0:
+            if (not step_text.isdigit() or not step_text.isascii()
+                    or len(step_text) > _MAX_DIGITS or int(step_text) == 0):
                 raise self.error("bad range step", at + len(spec) + 1)
             step = int(step_text)
         lo_text, dash, hi_text = spec.partition("-")
@@ -245,6 +248,8 @@ class _Parser:
         width = len(lo_text) if len(lo_text) > 1 and lo_text.startswith("0") else 0
         if len(hi_text) > 1 and hi_text.startswith("0") and len(hi_text) != width:
             raise self.error("inconsistent zero padding", hi_at)
+        if max(len(lo_text), len(hi_text)) > _MAX_DIGITS:
+            raise self.error(f"range bounds longer than {_MAX_DIGITS} digits", at)
         lo, hi = int(lo_text), int(hi_text)
         if hi < lo:
             raise self.error(f"reversed range {lo_text}-{hi_text}", at)
@@ -316,7 +321,7 @@ def _fold_numbers(numbers: Iterable[str]) -> str:
     first = last = ordered[0]
     width = len(first) if len(first) > 1 and first.startswith("0") else 0
     for s in ordered[1:]:
-        if s == str(int(last) + 1).zfill(width):
+        if len(last) <= _MAX_DIGITS and s == str(int(last) + 1).zfill(width):
             last = s
             continue
         runs.append((first, last))

@@ -23,6 +23,85 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from . import audit  # audit (issue 5)
+from .config import redis_ssl_options  # Redis TLS (issue 5)
+
+# KEYS: results hash, job hash. ARGV: ttl, then node, result JSON, outcome per result.
+# Records each result only if the node has none yet; counts only those. Returns them.
+_RECORD = """
+local fresh = {}
+local counts = {}
+for i = 2, #ARGV, 3 do
+  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
+    fresh[#fresh + 1] = ARGV[i]
+    counts[ARGV[i + 2]] = (counts[ARGV[i + 2]] or 0) + 1
+  end
+end
+if #fresh > 0 then
+  redis.call('HINCRBY', KEYS[2], 'done', #fresh)
+  for outcome, n in pairs(counts) do redis.call('HINCRBY', KEYS[2], outcome, n) end
+end
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
+return fresh
+"""
+
+
+# KEYS: job hash, its set of finished chunk indexes. ARGV: chunk index ("" = unnamed),
+# ttl, now. Counts the chunk; completes the job once. Returns 1 for the completing call.
+_FINISH = """
+local done
+if ARGV[1] == '' then
+  done = redis.call('HINCRBY', KEYS[1], 'chunks_done', 1)
+else
+  redis.call('SADD', KEYS[2], ARGV[1])
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[2]))
+  done = redis.call('SCARD', KEYS[2])
+  redis.call('HSET', KEYS[1], 'chunks_done', done)
+end
+local total = tonumber(redis.call('HGET', KEYS[1], 'chunks') or '-1')
+local status = redis.call('HGET', KEYS[1], 'status')
+if total < 0 or done < total or status == 'done' or status == 'cancelled' or status == 'failed' then
+  return 0
+end
+if redis.call('HEXISTS', KEYS[1], 'cancel') == 1 then status = 'cancelled' else status = 'done' end
+redis.call('HSET', KEYS[1], 'status', status, 'finished', ARGV[3])
+return 1
+"""
+
+
+class _NotOnAuth(Retry):
+    """A refused password is not an outage: it fails at once."""
+
+    def call_with_retry(  # type: ignore[override]
+        self, do: Any, fail: Any, is_retryable: Any = None, with_failure_count: bool = False,
+    ) -> Any:
+        def retryable(error: Exception) -> bool:
+            if isinstance(error, redis.AuthenticationError):
+                return False
+            return bool(is_retryable(error)) if is_retryable else True
+
+        return super().call_with_retry(do, fail, retryable, with_failure_count)
+
+
+def retrying(config: Any) -> dict[str, Any]:
+    """Client options that ride out a Redis restart: a lost connection or a timeout is
+    retried with capped exponential backoff for about ``redis_retry_for`` seconds before
+    the error reaches the caller (the scheduler, or a worker that then hands its chunk back)."""
+    budget = float(getattr(config, "redis_retry_for", 30.0))
+    cap = 2.0
+    retries = max(1, int(budget / cap) + 4)
+    return {
+        # redis-py 8 caps a pool at 100 connections and then raises MaxConnectionsError:
+        # a worker's node threads (64 per chunk, several chunks) and helper threads need
+        # more. Connections are still only opened as threads need them.
+        "max_connections": 10_000,
+        "retry": _NotOnAuth(ExponentialBackoff(cap=cap, base=0.05), retries),
+        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+        "health_check_interval": 30,
+    }
 
 
 def new_job_id() -> str:
@@ -36,15 +115,27 @@ class Store:
     prefix: str = "powerq"
     result_ttl: int = 7 * 24 * 3600
     events_maxlen: int = 100_000
+    audit_maxlen: int = audit.DEFAULT_MAXLEN  # audit (issue 5)
 
     @classmethod
     def from_config(cls, config: Any) -> Store:
-        client = redis.Redis.from_url(config.redis_url, decode_responses=True)
-        return cls(client, config.key_prefix, config.result_ttl, config.events_maxlen)
+        client = redis.Redis.from_url(config.redis_url, decode_responses=True, **retrying(config),
+                                      **redis_ssl_options(config, config.redis_url))  # TLS (issue 5)
+        return cls(client, config.key_prefix, config.result_ttl, config.events_maxlen,
+                   getattr(config, "audit_maxlen", audit.DEFAULT_MAXLEN))  # audit (issue 5)
 
     # -- keys -----------------------------------------------------------------------------
     def _job(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
+
+    def job_key(self, job_id: str) -> str:
+        """The Redis hash of a job (workers watch its ``cancel`` field)."""
+        return self._job(job_id)
+
+    def now(self) -> float:
+        """Redis's clock in epoch seconds: the one clock every host of a job agrees on."""
+        sec, usec = self.client.time()
+        return float(sec) + float(usec) / 1e6
 
     def _results(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}:results"
@@ -68,6 +159,7 @@ class Store:
         chunks: int,
         options: Mapping[str, Any],
         requested_by: str,
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
         now = time.time()
         record = {
@@ -86,6 +178,7 @@ class Store:
             "skipped": 0,
             "chunks": chunks,
             "chunks_done": 0,
+            **{k: v for k, v in (extra or {}).items() if v is not None},
         }
         pipe = self.client.pipeline()
         pipe.hset(self._job(job_id), mapping=record)
@@ -103,9 +196,14 @@ class Store:
         out: dict[str, Any] = dict(raw)
         for key in ("total", "done", "ok", "error", "skipped", "chunks", "chunks_done"):
             out[key] = int(out.get(key) or 0)
-        for key in ("created", "finished"):
-            out[key] = float(out[key]) if out.get(key) else None
+        for key in ("created", "finished", "origin", "makespan", "lower_bound"):
+            if key in out or key in ("created", "finished"):
+                out[key] = float(out[key]) if out.get(key) else None
         out["options"] = json.loads(out.get("options") or "{}")
+        if out.get("cancel"):
+            out["cancel"] = json.loads(out["cancel"])
+            if out.get("status") in ("queued", "running"):
+                out["status"] = "cancelling"
         return out
 
     def results(self, job_id: str) -> dict[str, dict[str, Any]]:
@@ -125,14 +223,22 @@ class Store:
         batch = [dict(r) for r in results]
         if not batch:
             return
+        if job_id is not None:
+            # Exactly once per node and job: a result already recorded (by an earlier
+            # delivery of the chunk, or a write retried after a lost reply) is not
+            # recorded or counted again.
+            args: list[str] = []
+            for result in batch:
+                args += [result["node"], json.dumps(result), str(result["outcome"])]
+            fresh = set(self._record_script(keys=[self._results(job_id), self._job(job_id)],
+                                            args=[self.result_ttl, *args]))
+            batch = [r for r in batch if r["node"] in fresh]
+            if not batch:
+                return
         nodes = [r["node"] for r in batch]
         previous = self.client.hmget(self._state, nodes)
         pipe = self.client.pipeline(transaction=False)
-        counts = {"ok": 0, "error": 0, "skipped": 0}
         for result, prev_raw in zip(batch, previous, strict=True):
-            counts[result["outcome"]] = counts.get(result["outcome"], 0) + 1
-            if job_id is not None:
-                pipe.hset(self._results(job_id), result["node"], json.dumps(result))
             prev = json.loads(prev_raw) if prev_raw else {}
             error = result.get("error")
             state = result.get("state_after")
@@ -149,29 +255,84 @@ class Store:
                 self._event(pipe, "state", result["node"], job=job_id or "poll",
                             old=prev.get("state") or "", new=state)
             pipe.hset(self._state, result["node"], json.dumps(latest))
-        if job_id is not None:
-            key = self._job(job_id)
-            pipe.hincrby(key, "done", len(batch))
-            for outcome, n in counts.items():
-                if n:
-                    pipe.hincrby(key, outcome, n)
-            pipe.expire(self._results(job_id), self.result_ttl)
         pipe.execute()
+
+    @property
+    def _record_script(self) -> Any:
+        script = self.__dict__.get("_record")
+        if script is None:
+            script = self.__dict__["_record"] = self.client.register_script(_RECORD)
+        return script
+
+    # -- the journal of node actions (exactly-once delivery) ---------------------------
+    def _journal(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:journal"
+
+    def journal_sent(self, job_id: str, node: str, action: str, worker: str) -> None:
+        """Record, before it is sent, that ``action`` is going to a node: if the worker
+        dies now, a redelivered chunk knows the node's state is in doubt."""
+        key = self._journal(job_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(key, node, json.dumps({"action": action, "at": time.time(), "worker": worker}))
+        pipe.expire(key, self.result_ttl)
+        pipe.execute()
+
+    def delivery_state(self, job_id: str, nodes: list[str]) -> tuple[set[str], dict[str, str]]:
+        """(nodes already reported, {node acted on but not reported: the last phase
+        journaled}) for a chunk that starts, in one round trip."""
+        if not nodes:
+            return set(), {}
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hmget(self._results(job_id), nodes)
+        pipe.hmget(self._journal(job_id), nodes)
+        done_raw, sent_raw = pipe.execute()
+        done = {n for n, v in zip(nodes, done_raw, strict=True) if v is not None}
+        doubt: dict[str, str] = {}
+        for node, raw in zip(nodes, sent_raw, strict=True):
+            if raw is not None and node not in done:
+                try:
+                    doubt[node] = str(json.loads(raw).get("action") or "unknown")
+                except (ValueError, AttributeError):
+                    doubt[node] = "unknown"
+        return done, doubt
 
     def chunk_started(self, job_id: str) -> None:
         self.client.hset(self._job(job_id), "status", "running")
 
-    def chunk_finished(self, job_id: str) -> bool:
-        """Count one finished chunk; True when it was the job's last."""
+    def chunk_finished(self, job_id: str, chunk: int | None = None) -> bool:
+        """Count one finished chunk (each chunk once, whatever its deliveries, when
+        ``chunk`` names it); True only for the call that completes the job. One script:
+        concurrent chunks can neither undercount nor complete a job twice."""
         key = self._job(job_id)
-        pipe = self.client.pipeline()
-        pipe.hincrby(key, "chunks_done", 1)
-        pipe.hget(key, "chunks")
-        done, total = pipe.execute()
-        if total is not None and done >= int(total):
-            self.client.hset(key, mapping={"status": "done", "finished": time.time()})
+        completed = self._finish_script(
+            keys=[key, f"{key}:chunks"],
+            args=["" if chunk is None else str(chunk), self.result_ttl, repr(time.time())],
+        )
+        if completed:
+            audit.record_outcome(self, job_id)  # audit (issue 5): the job's outcome, once
             return True
         return False
+
+    @property
+    def _finish_script(self) -> Any:
+        script = self.__dict__.get("_finish")
+        if script is None:
+            script = self.__dict__["_finish"] = self.client.register_script(_FINISH)
+        return script
+
+    def cancel(self, job_id: str, by: str) -> dict[str, Any] | None:
+        """Ask the workers to stop releasing the job's nodes (nodes whose power action
+        was not yet sent are skipped with note ``cancelled``). None when the job is
+        unknown; a finished job is returned unchanged."""
+        key = self._job(job_id)
+        job = self.job(job_id)
+        if job is None or job.get("status") in ("done", "failed", "cancelled"):
+            return job
+        pipe = self.client.pipeline()
+        pipe.hsetnx(key, "cancel", json.dumps({"at": time.time(), "by": by}))
+        pipe.hset(key, "status", "cancelling")
+        pipe.execute()
+        return self.job(job_id)
 
     # -- states and events -----------------------------------------------------------------
     def states(self, nodes: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -21,10 +22,15 @@ ROOT = Path(__file__).resolve().parent.parent
 class RedisServer:
     """A redis-server on a free loopback port, in a temporary directory."""
 
-    def __init__(self, workdir: Path, appendonly: bool = False) -> None:
+    def __init__(self, workdir: Path, appendonly: bool = False,
+                 redis_args: list[str] | None = None) -> None:
+        """``redis_args`` are added to the command line, ``{port}`` replaced by the port
+        (e.g. ``["--requirepass", "pw"]``, or TLS: ``["--port", "0", "--tls-port", "{port}",
+        ...]``); with them, the server is ready when its port accepts a connection."""
         self.workdir = workdir
         self.port = free_port()
         self.appendonly = appendonly
+        self.redis_args = list(redis_args or [])
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -37,9 +43,13 @@ class RedisServer:
             raise RuntimeError("redis-server is not installed: run `make test`, which installs it")
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes" if self.appendonly else "no", "--dir", str(self.workdir)],
+             "--appendonly", "yes" if self.appendonly else "no", "--dir", str(self.workdir),
+             *(a.replace("{port}", str(self.port)) for a in self.redis_args)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
+        if self.redis_args:  # a password or TLS: a plain PING cannot tell it is up
+            self._wait_for_port()
+            return
         client = redis.Redis(port=self.port)
         deadline = time.monotonic() + 10
         while True:
@@ -51,6 +61,19 @@ class RedisServer:
                     raise
                 time.sleep(0.05)
         client.close()
+
+    def _wait_for_port(self) -> None:
+        import socket
+
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.5).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline or (self.proc and self.proc.poll() is not None):
+                    raise RuntimeError(f"redis-server {self.redis_args} did not start") from None
+                time.sleep(0.05)
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -100,3 +123,16 @@ def powerq_env(redis_url: str, prefix: str, secret_key: str, **extra: str) -> di
     )
     env.update(extra)
     return env
+
+
+@pytest.fixture(scope="session")
+def fullpath(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One Redis and one real rack worker for the session: see :mod:`tests.fullpath`."""
+    from tests.fullpath import FullPath
+
+    fp = FullPath(tmp_path_factory.mktemp("fullpath"))
+    try:
+        fp.start()
+        yield fp
+    finally:
+        fp.stop()

@@ -323,7 +323,7 @@ def test_no_secret_anywhere(stack: Stack) -> None:
     assert len(raw_messages) == 1
     envelope = json.loads(raw_messages[0])
     body = base64.b64decode(envelope["body"]).decode()  # kombu stores the body base64-encoded
-    assert json.loads(body)[0] == ["scan-job", "cycle", sim_nodes(stack, "r1"), {"soft": True}]
+    assert json.loads(body)[0] == ["scan-job", "cycle", sim_nodes(stack, "r1"), {"soft": True, "chunk": 0}]
     haystacks: list[str] = [raw_messages[0], body]
     for key in stack.redis.keys("*"):
         kind = stack.redis.type(key)

@@ -124,7 +124,9 @@ def run_beat(config: Config, every: float, loglevel: str = "INFO") -> None:
         def __init__(self, *a: Any, **kw: Any) -> None:
             super().__init__(*a, powerq_every=every, **kw)
 
-    beat = app.Beat(scheduler=_Bound, loglevel=loglevel, max_interval=1.0)
+    # With JSON logs the banner would be the one non-JSON line: leave it out.
+    beat = app.Beat(scheduler=_Bound, loglevel=loglevel, max_interval=1.0,
+                    quiet=getattr(config, "log_format", "text") == "json")
     beat.run()
 
 

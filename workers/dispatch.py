@@ -12,6 +12,7 @@ from typing import Any
 from celery import Celery
 
 from scheduler.config import Config
+from scheduler.planner import Plan
 from workers.app import TASK_RUN_CHUNK, make_app, rack_queue, rack_queue_name
 
 
@@ -34,6 +35,20 @@ def racks_without_worker(app: Celery, racks: Sequence[str], timeout: float) -> l
     return [r for r in racks if rack_queue_name(r) not in queues]
 
 
+def _publish(app: Celery, producer: Any, rack: str, args: list[Any]) -> None:
+    """One chunk message, routed through the rack's direct exchange (declared with its
+    queue and binding on the way, as the rack's workers declare them), persistent."""
+    queue = rack_queue(rack)
+    app.send_task(
+        TASK_RUN_CHUNK,
+        args=args,
+        queue=queue,
+        exchange=queue.exchange.name,
+        routing_key=queue.routing_key,
+        producer=producer,
+    )
+
+
 def send_chunks(
     app: Celery,
     job_id: str | None,
@@ -45,13 +60,21 @@ def send_chunks(
     number sent; raises the broker's error if a publish fails."""
     sent = 0
     with app.producer_or_acquire() as producer:
-        for rack, nodes in chunks:
-            app.send_task(
-                TASK_RUN_CHUNK,
-                args=[job_id, action, list(nodes), dict(options)],
-                queue=rack_queue(rack),
-                producer=producer,
-            )
+        for index, (rack, nodes) in enumerate(chunks):
+            opts = dict(options) if job_id is None else {**options, "chunk": index}
+            _publish(app, producer, rack, [job_id, action, list(nodes), opts])
+            sent += 1
+    return sent
+
+
+def send_plan(app: Celery, job_id: str, plan: Plan) -> int:
+    """Publish a submitted plan's chunks, each with its part of the timeline."""
+    sent = 0
+    with app.producer_or_acquire() as producer:
+        for index, (rack, nodes) in enumerate(plan.chunks):
+            # "chunk": its index, so the job counts each chunk once however often delivered
+            _publish(app, producer, rack, [job_id, plan.action, list(nodes),
+                                           {**plan.options_for(nodes), "chunk": index}])
             sent += 1
     return sent
 

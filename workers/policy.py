@@ -14,20 +14,29 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from drivers.base import BootDevice, PowerDriver, PowerState
 from drivers.errors import (
+    BusyError,
     CallTimeoutError,
     DeviceError,
     PowerError,
     SettingsError,
     StateMismatchError,
     TransientError,
+    UnreachableError,
     UnsupportedError,
 )
 
+if TYPE_CHECKING:
+    from workers.bmcguard import BmcGuard
+
 T = TypeVar("T")
+
+
+class Cancelled(Exception):
+    """The job was cancelled before this node's power action was sent."""
 
 
 class Action(StrEnum):
@@ -55,6 +64,8 @@ class PolicySettings:
     confirm_timeout: float = 30.0
     confirm_interval: float = 0.5
     cycle_mode: str = "off-on"
+    busy_backoff_max: float = 30.0
+    """Largest retry delay ceiling after a busy reply (issue 5); its ceiling grows 4x per try."""
 
     @classmethod
     def from_config(cls, config: Any) -> PolicySettings:
@@ -77,9 +88,25 @@ class NodeResult:
     worker: str = ""
     note: str = ""
     power_type: str = ""
+    planned_at: float | None = None
+    """When the power-on timeline planned this node's start (epoch seconds), if it did."""
+    power_on_at: float | None = None
+    """When the power-on was admitted within the budgets and sent (Redis clock)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class Gate(Protocol):
+    """Holds a node for its turn on a power-on timeline (see ``workers/release.py``)."""
+
+    not_before: float
+
+    def wait_turn(self) -> None:
+        """Return at the node's planned time; raise ``Cancelled`` if the job is cancelled."""
+
+    def admit(self, *, cancellable: bool = True) -> float:
+        """Take a start slot in every budget; return the start time."""
 
 
 class BmcLocks:
@@ -113,10 +140,17 @@ class NodeRunner:
     clock: Callable[[], float] = time.monotonic
     wall: Callable[[], float] = time.time
     rng: Callable[[], float] = random.random
+    guard: BmcGuard | None = None
+    """Per-BMC lease across processes and parking (issue 5, ``workers/bmcguard.py``)."""
 
-    def backoff(self, attempt: int) -> float:
-        """Full-jitter delay before retry number ``attempt`` (1-based)."""
-        ceiling = min(self.settings.backoff_max, self.settings.backoff_base * (2 ** (attempt - 1)))
+    def backoff(self, attempt: int, busy: bool = False) -> float:
+        """Full-jitter delay before retry number ``attempt`` (1-based). After a busy
+        reply (no free session, lease held elsewhere) the ceiling grows faster and
+        further: ``backoff_base * 4**attempt`` up to ``busy_backoff_max``."""
+        if busy:
+            ceiling = min(self.settings.busy_backoff_max, self.settings.backoff_base * 4 ** attempt)
+        else:
+            ceiling = min(self.settings.backoff_max, self.settings.backoff_base * (2 ** (attempt - 1)))
         return self.rng() * ceiling
 
     @property
@@ -131,6 +165,7 @@ class NodeRunner:
         ends, so no other call reaches that BMC while it is stuck."""
         box: dict[str, Any] = {}
         done = threading.Event()
+        settle = threading.Lock()  # makes "finished" and "abandoned" exclusive
 
         def target() -> None:
             if not lock.acquire(timeout=self.hard_limit):
@@ -144,14 +179,29 @@ class NodeRunner:
             except BaseException as exc:  # handed to the caller below
                 box["error"] = exc
             finally:
+                with settle:
+                    box["finished"] = True
+                    abandoned = box.get("abandoned", False)
+                if abandoned:
+                    # The caller gave up and has closed the driver already; the call may
+                    # have opened a session since: close again, so none is left open.
+                    try:
+                        driver.close()
+                    except Exception:  # close() must never raise; nothing to report to
+                        pass
                 lock.release()
                 done.set()
 
         threading.Thread(target=target, name="powerq-call", daemon=True).start()
         if not done.wait(self.hard_limit):
-            raise CallTimeoutError(
-                f"{driver.power_type}: no answer within {self.hard_limit:g} s (watchdog)"
-            )
+            with settle:
+                if not box.get("finished"):
+                    box["abandoned"] = True
+            if box.get("abandoned"):
+                raise CallTimeoutError(
+                    f"{driver.power_type}: no answer within {self.hard_limit:g} s (watchdog)"
+                )
+            done.wait()  # it finished right at the limit: use its answer
         if "error" in box:
             raise box["error"]
         return box["value"]  # type: ignore[no-any-return]
@@ -162,17 +212,35 @@ class NodeRunner:
         """Run one driver call under the BMC lock, retrying transient errors.
 
         Raises the last :class:`PowerError`; any other exception becomes a DeviceError.
+        With a :attr:`guard`, each attempt also holds the BMC's lease (inside the process
+        lock); a parked BMC fails at once; a call that fails after its retries counts
+        towards parking the BMC.
         """
-        lock = self.locks.get(driver.bmc_key())
+        key = driver.bmc_key()
+        lock = self.locks.get(key)
+        guard = self.guard if self.guard is not None and str(id(driver)) not in key else None
+        attempt_fn: Callable[[], T] = fn if guard is None else (lambda: guard.run(key, fn))
         attempts = self.settings.max_attempts if retry else 1
         for attempt in range(1, attempts + 1):
             result.attempts += 1
+            began = self.clock()
             try:
-                return self._bounded(driver, fn, lock)
-            except TransientError:
-                if attempt >= attempts:
+                if guard is not None and lock.locked():
+                    guard.check(key)  # parked: no wait behind a call still stuck there
+                return self._bounded(driver, attempt_fn, lock)
+            except TransientError as exc:
+                if exc.details.get("parked"):
+                    raise  # parked: fail at once, no retry storm
+                # A device that got the whole call timeout and still did not answer is not
+                # asked again in this job: retries are for quick failures (busy, refused,
+                # a lost packet), and waiting out a dead BMC twice is how tools hang.
+                spent_it_all = (isinstance(exc, CallTimeoutError | UnreachableError)
+                                and self.clock() - began >= self.settings.call_timeout)
+                if attempt >= attempts or spent_it_all:
+                    if guard is not None:
+                        guard.failed(key, exc, result.node)
                     raise
-                self.sleep(self.backoff(attempt))
+                self.sleep(self.backoff(attempt, busy=isinstance(exc, BusyError)))
             except PowerError:
                 raise
             except Exception as exc:  # a driver bug or untranslated library error
@@ -206,14 +274,32 @@ class NodeRunner:
         )
 
     def run(
-        self, node: str, driver: PowerDriver, action: str, options: dict[str, Any], worker: str = ""
+        self, node: str, driver: PowerDriver, action: str, options: dict[str, Any], worker: str = "",
+        gate: Gate | None = None, on_act: Callable[[str], None] | None = None,
     ) -> NodeResult:
+        """Run ``action`` on one node. With a ``gate`` (a power-on timeline), the node
+        waits for its planned time before anything is sent, and each power-on waits for
+        a start slot within the budgets; a job cancelled before then leaves the node
+        untouched (outcome ``skipped``, note ``cancelled``).
+
+        ``on_act(phase)`` is called right before each call that may change the node
+        (``on``, ``off``, ``boot``, ``cycle:off``, ``cycle:on``, ``cycle:native``): the
+        journal of exactly-once delivery; if it raises, nothing is sent. With
+        ``options["in_doubt"]`` = the last phase an earlier delivery journaled, a cycle
+        that reached its power-on and finds the node on is not done again."""
         result = NodeResult(
             node=node, action=action, started=self.wall(), worker=worker,
             power_type=driver.power_type,
         )
         try:
-            self._run(driver, Action(action), options, result)
+            if gate is not None:
+                result.planned_at = gate.not_before
+                gate.wait_turn()
+                result.started = self.wall()
+            self._run(driver, Action(action), options, result, gate, on_act)
+        except Cancelled:
+            result.outcome = Outcome.SKIPPED
+            result.note = "cancelled"
         except PowerError as exc:
             result.outcome = Outcome.ERROR
             result.error = exc.to_dict()
@@ -225,8 +311,13 @@ class NodeRunner:
         return result
 
     def _run(
-        self, driver: PowerDriver, action: Action, options: dict[str, Any], result: NodeResult
+        self, driver: PowerDriver, action: Action, options: dict[str, Any], result: NodeResult,
+        gate: Gate | None = None, on_act: Callable[[str], None] | None = None,
     ) -> None:
+        def act(what: str) -> None:
+            if on_act is not None:
+                on_act(what)
+
         queryable = driver.capabilities.power_query
         if action is Action.QUERY:
             if not queryable:
@@ -239,6 +330,7 @@ class NodeRunner:
 
         if action is Action.BOOT:
             device = BootDevice(options.get("device", "pxe"))
+            act("boot")
             self.call(
                 driver,
                 lambda: driver.set_boot_device(
@@ -258,6 +350,9 @@ class NodeRunner:
                 result.state_after = str(before)
                 result.note = "already on"
                 return
+            if gate is not None:
+                result.power_on_at = gate.admit()
+            act("on")
             self.call(driver, driver.power_on, result)
             self._settle(driver, PowerState.ON, result)
         elif action is Action.OFF:
@@ -265,19 +360,41 @@ class NodeRunner:
                 result.state_after = str(before)
                 result.note = "already off"
                 return
+            act("off")
             self.call(driver, lambda: driver.power_off(soft=soft), result)
             self._settle(driver, PowerState.OFF, result)
         elif action is Action.CYCLE:
+            doubt = options.get("in_doubt")
+            if doubt and doubt != "cycle:off" and before is PowerState.ON:
+                # An earlier delivery reached the power-on (or a native cycle) and the node
+                # is on: it was cycled already. Never twice.
+                result.state_after = str(before)
+                result.note = "in doubt after a redelivery: found on, not cycled again"
+                return
+            # (journaled "cycle:off" and found on: that power-off never took effect, so the
+            # cycle is done now, for the first time)
             if before is PowerState.OFF:
-                # As MAAS does: cycling a node that is off powers it on.
+                # As MAAS does: cycling a node that is off powers it on (and an in-doubt
+                # cycle found off is completed).
+                if gate is not None:
+                    result.power_on_at = gate.admit()
+                act("cycle:on")
                 self.call(driver, driver.power_on, result)
                 result.note = "was off: powered on"
             elif self.settings.cycle_mode == "native":
+                if gate is not None:
+                    result.power_on_at = gate.admit()
+                act("cycle:native")
                 # A native cycle is not idempotent: never retried blindly.
                 self.call(driver, driver.power_cycle, result, retry=False)
             else:
+                act("cycle:off")
                 self.call(driver, lambda: driver.power_off(soft=soft), result)
                 self._settle(driver, PowerState.OFF, result)
+                if gate is not None:
+                    # Once off, the node comes back on: a cancel no longer stops it.
+                    result.power_on_at = gate.admit(cancellable=False)
+                act("cycle:on")
                 self.call(driver, driver.power_on, result)
             self._settle(driver, PowerState.ON, result)
         else:  # pragma: no cover - Action is exhaustive
@@ -296,6 +413,8 @@ class NodeRunner:
 
 __all__ = [
     "Action",
+    "Cancelled",
+    "Gate",
     "BmcLocks",
     "NodeResult",
     "NodeRunner",

@@ -14,7 +14,7 @@ from pydantic import SecretStr
 
 from drivers import registry
 from drivers.base import DriverSettings, PowerDriver
-from drivers.errors import SettingsError
+from drivers.errors import SettingsError, UnsupportedError
 from tests.conftest import ROOT
 
 SECRET = "s3cr3t-Contract-Pw"
@@ -27,7 +27,42 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "virsh": {"power_address": "qemu+ssh://ubuntu@10.0.0.7/system", "power_pass": SECRET,
               "power_id": "vm1"},
     "manual": {},
+    "vmware": {"power_address": "10.0.0.8", "power_user": "administrator@vsphere.local",
+               "power_pass": SECRET, "power_uuid": "4210a3c7-1b2c-4d5e-8f90-123456789abc"},
+    "webhook": {"power_on_uri": "http://10.0.0.9/on", "power_off_uri": "http://10.0.0.9/off",
+                "power_query_uri": "http://10.0.0.9/status", "power_user": "u", "power_pass": SECRET,
+                "power_token": SECRET},
+    "dli": {"power_address": "10.0.0.10", "power_user": "admin", "power_pass": SECRET, "outlet_id": 3},
+    "openbmc": {"power_address": "10.0.0.11", "power_user": "root", "power_pass": SECRET},
+    "rsd": {"power_address": "https://10.0.0.12:8443", "power_user": "admin", "power_pass": SECRET,
+            "node_id": "1"},
+    "msftocs": {"power_address": "10.0.0.13", "power_port": 8000, "power_user": "admin",
+                "power_pass": SECRET, "blade_id": 2},
+    "moonshot": {"power_address": "10.0.0.18", "power_user": "admin", "power_pass": SECRET,
+                 "power_hwaddress": "-B 0 -T 0x82 -b 7 -t 0x72"},
+    "sm15k": {"power_address": "10.0.0.19", "power_user": "admin", "power_pass": SECRET, "system_id": "3",
+              "power_control": "restapi2"},
+    "wedge": {"power_address": "10.0.0.20", "power_user": "root", "power_pass": SECRET},
+    "mscm": {"power_address": "10.0.0.21", "power_user": "admin", "power_pass": SECRET, "node_id": "c1n1"},
+    "hmc": {"power_address": "10.0.0.22", "power_user": "hscroot", "power_pass": SECRET,
+            "server_name": "p8srv", "lpar": "lpar1"},
+    "fence_cdu": {"power_address": "10.0.0.23", "power_user": "admn", "power_pass": SECRET,
+                  "power_id": ".A12", "power_protocol": "ssh"},  # telnet needs no library
+    "apc": {"power_address": "10.0.0.15", "node_outlet": 3, "community": SECRET},
+    "eaton": {"power_address": "10.0.0.16", "node_outlet": 4, "snmp_version": "3", "snmp_user": "ops",
+              "snmp_auth_protocol": "sha", "snmp_auth_key": SECRET, "snmp_priv_protocol": "aes",
+              "snmp_priv_key": SECRET},
+    "raritan": {"power_address": "10.0.0.17", "node_outlet": 5, "community": SECRET},
+    "ucsm": {"power_address": "https://10.0.0.14/", "power_user": "admin", "power_pass": SECRET,
+             "uuid": "1b4e28ba-2fa1-11d2-883f-0016d3cca427"},
+    "amt": {"power_address": "10.0.0.20", "power_user": "admin", "power_pass": SECRET},
+    "nova": {"os_authurl": "http://10.0.0.21:5000/v3", "os_tenantname": "maas", "os_username": "maas",
+             "os_password": SECRET, "nova_id": "8f1c2b3a-4d5e-4f60-8a7b-9c0d1e2f3a4b"},
 }
+
+# What drivers talk to devices with; none of it may be needed by scheduler/.
+PROTOCOL_LIBRARIES = ("pyghmi", "sushy", "libvirt", "pysnmp", "asyncssh", "paramiko", "pyVmomi", "pyVim",
+                      "requests", "defusedxml")
 
 # Every driver shipped in drivers/ (other tests register test-only drivers of their own).
 DRIVERS = {n: c for n, c in registry.all_drivers().items() if c.__module__.startswith("drivers.")}
@@ -92,7 +127,10 @@ def test_capabilities_are_backed_by_methods(name: str) -> None:
     if caps.pxe_next_boot:
         assert cls.set_boot_device is not PowerDriver.set_boot_device
     if caps.chassis_probe:
-        assert cls.probe is not PowerDriver.probe
+        assert cls.probe_chassis.__func__ is not PowerDriver.probe_chassis.__func__  # type: ignore[attr-defined]
+    else:
+        with pytest.raises(UnsupportedError):
+            cls.probe_chassis({})
 
 
 def test_unknown_power_type_is_an_error() -> None:
@@ -112,12 +150,13 @@ def test_duplicate_power_type_is_an_error() -> None:
 
 
 def test_control_plane_runs_without_protocol_libraries() -> None:
-    """scheduler/ and every settings model work with pyghmi, sushy and libvirt absent."""
+    """scheduler/ and every settings model work with every protocol library absent, and
+    every driver that needs one says ``tool_missing`` instead of failing otherwise."""
     code = f"""
 import sys
-for lib in ("pyghmi", "sushy", "libvirt"):
+for lib in {PROTOCOL_LIBRARIES!r}:
     sys.modules[lib] = None
-import scheduler.cli, scheduler.planner, scheduler.inventory
+import scheduler.cli, scheduler.planner, scheduler.inventory, scheduler.probe
 from drivers import registry
 from drivers.errors import ToolMissingError
 examples = {EXAMPLES!r}
@@ -125,13 +164,14 @@ for name, cls in registry.all_drivers().items():
     if not cls.__module__.startswith("drivers."):
         continue
     settings = cls.validate(examples[name])
-    if name in ("ipmi", "redfish", "virsh"):
-        try:
-            cls(settings, timeout=0.5).query()
-        except ToolMissingError:
-            pass
-        else:
-            raise SystemExit(name + " did not report its missing library")
+    if name == "manual":
+        continue
+    try:
+        cls(settings, timeout=0.5).query()
+    except ToolMissingError:
+        pass
+    else:
+        raise SystemExit(name + " did not report its missing library")
 print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)

@@ -459,7 +459,7 @@ def test_settings_defaults_and_secret_hiding() -> None:
     assert IPMISettings.node_fields() == {"mac_address"}
     assert IPMIDriver(s).bmc_key() == "ipmi:10.1.2.3:623"
     assert IPMIDriver.capabilities.pxe_next_boot and IPMIDriver.capabilities.power_query
-    assert not IPMIDriver.capabilities.bmc_enlistment
+    assert IPMIDriver.capabilities.bmc_enlistment
 
 
 @pytest.mark.parametrize(

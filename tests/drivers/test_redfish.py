@@ -387,7 +387,7 @@ def test_same_bmc_same_key() -> None:
 def test_capabilities() -> None:
     caps = RedfishDriver.capabilities
     assert (caps.pxe_next_boot, caps.power_query, caps.detailed_errors) == (True, True, True)
-    assert (caps.chassis_probe, caps.bmc_enlistment) == (False, False)
+    assert (caps.chassis_probe, caps.bmc_enlistment) == (False, True)
     assert RedfishDriver.power_type == "redfish"
 
 

@@ -282,9 +282,12 @@ def test_with_boot_order_drops_per_device_boot_and_keeps_the_rest() -> None:
 def test_probe_lists_the_domains(fleet: LibvirtFleet, make_driver: Callable[..., VirshDriver]) -> None:
     given(fleet, "on")
     fleet.set_state(OTHER, "off")
-    found = make_driver().probe()
-    assert [d["power_id"] for d in found] == ["vm-r1-001", "vm-r1-002", "vm-r1-003"]
-    states = {d["power_id"]: d["power"] for d in found}
+    driver = make_driver()
+    params = {"power_address": driver.settings.power_address}  # no power_id: chassis only
+    found = VirshDriver.probe_chassis(params)
+    assert [d.power_parameters["power_id"] for d in found] == ["vm-r1-001", "vm-r1-002", "vm-r1-003"]
+    assert [d.name for d in found] == ["vm-r1-001", "vm-r1-002", "vm-r1-003"]
+    states = {d.name: d.power for d in found}
     assert states[VM] == "on"
     assert states[OTHER] == "off"
 
@@ -419,7 +422,7 @@ def test_one_connection_per_driver(make_driver: Callable[..., VirshDriver]) -> N
     driver.query()
     conn = driver._connection()
     driver.query()
-    driver.probe()
+    driver.list_domains()
     assert driver._connection() is conn
 
 

@@ -27,11 +27,23 @@ consumes a one-time boot override: ``boot`` goes back to ``None`` and ``booted_f
 records where the node booted. Power cycle or reset of a node that is off answers 0xD5
 (command not supported in present state), as many BMCs do.
 
+User accounts (for BMC enlistment): a user table per BMC of ``max_users`` slots (spec
+key ``max_users``, default 16; user 1 is the null user, the node's ``power_user`` is
+user 2 with ADMINISTRATOR rights). Get Channel Info (LAN channel 1; 0x0E = this one),
+Get / Set User Access, Get / Set User Name and Set User Password (disable, enable,
+set 16- or 20-byte password, test: 0x80 on a mismatch) behave as IPMI 2.0 section 22
+says; the Set commands need an ADMINISTRATOR session (else 0xD4). A login succeeds for an
+enabled user with IPMI messaging on, and only up to that user's privilege limit (RAKP 2
+status 0x09, invalid role, above it). ``GET /nodes`` lists the named or enabled slots as
+``accounts`` (uid, name, enabled, privilege, ipmi_msg: never a password) and
+``max_users``.
+
 Counts (control API ``GET /nodes``): ``on``, ``off``, ``soft_off``, ``cycle``,
 ``reset``, ``boot`` (boot flags set), ``query`` (Get Chassis Status), ``sessions``
 (login attempts: RAKP 1 received), ``open_sessions`` (established, not closed or
 expired), plus ``established``, ``auth_failed``, ``refused`` (sessions or commands
-refused as busy), ``retransmits``. Actions refused (busy, privilege) are not counted.
+refused as busy), ``retransmits``, ``users`` (Set User Name / Access / Password
+requests accepted). Actions refused (busy, privilege) are not counted.
 
 Faults (``POST /nodes/<name>/fault``): ``no_answer`` drops every packet; ``slow`` delays
 every reply by ``latency`` seconds (default 1 s); ``auth`` refuses every login (RAKP 2
@@ -41,7 +53,7 @@ insufficient resources) and answers commands in open sessions with completion co
 
 Run one shard: ``python -m tests.peers.ipmi_bmc --spec FILE --control-port N``, where
 FILE is JSON ``{"nodes": [SimNode.to_json(), ...], "max_sessions": 16,
-"session_timeout": 60}``. From Python, use :func:`make_nodes` and :func:`start_fleet`.
+"session_timeout": 60, "max_users": 16}``. From Python, use :func:`make_nodes` and :func:`start_fleet`.
 """
 
 from __future__ import annotations
@@ -64,6 +76,7 @@ import traceback
 import uuid
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,12 +89,13 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 COUNT_KEYS = (
     "on", "off", "soft_off", "cycle", "reset", "boot", "query", "sessions",
-    "established", "auth_failed", "refused", "retransmits",
+    "established", "auth_failed", "refused", "retransmits", "users",
 )
 
 # RMCP+ status codes (IPMI 2.0 table 13-15)
 RMCP_INSUFFICIENT_RESOURCES = 0x01
 RMCP_INVALID_SESSION_ID = 0x02
+RMCP_INVALID_ROLE = 0x09
 RMCP_UNAUTHORIZED_NAME = 0x0D
 RMCP_INVALID_INTEGRITY_CHECK = 0x0F
 RMCP_NO_CIPHER_SUITE_MATCH = 0x11
@@ -93,8 +107,35 @@ CC_INVALID_DATA = 0xCC
 CC_PARAM_NOT_SUPPORTED = 0x80
 CC_INSUFFICIENT_PRIVILEGE = 0xD4
 CC_NOT_IN_PRESENT_STATE = 0xD5
+CC_PASSWORD_TEST_FAILED = 0x80
+CC_PASSWORD_WRONG_SIZE = 0x81
+CC_REQUEST_LENGTH_INVALID = 0xC7
 
 PRIV_OPERATOR = 3
+PRIV_ADMIN = 4
+PRIV_NO_ACCESS = 0x0F
+PRIV_NAMES = {1: "CALLBACK", 2: "USER", 3: "OPERATOR", 4: "ADMINISTRATOR", 5: "OEM",
+              PRIV_NO_ACCESS: "NO_ACCESS"}
+
+LAN_CHANNEL = 1
+THIS_CHANNEL = 0x0E
+DEFAULT_MAX_USERS = 16
+
+
+@dataclass
+class BmcUser:
+    """One slot of a BMC's user table (IPMI 2.0 section 22.26-22.30)."""
+
+    name: str = ""
+    password: str = ""
+    enabled: bool = False
+    privilege: int = PRIV_NO_ACCESS  # the user's privilege limit on the LAN channel
+    ipmi_msg: bool = False
+    link_auth: bool = False
+    callback: bool = False
+
+    def can_login(self) -> bool:
+        return self.enabled and self.ipmi_msg and 1 <= self.privilege <= 5
 
 # boot device selector (Set System Boot Options, parameter 5, data 2 bits 5:2)
 BOOT_DEVICES = {1: "pxe", 2: "disk", 3: "safe", 5: "cdrom", 6: "bios", 15: "floppy"}
@@ -219,11 +260,18 @@ class SimSession(serversession.ServerSession):
         self.rolem = data[24]
         self.maxpriv = self.rolem & 0b111
         self.username = bytes(data[28:28 + data[27]])
-        password = self.authdata.get(self.username.decode("utf-8", "replace"))
+        name = self.username.decode("utf-8", "replace")
+        password = self.authdata.get(name)
         if password is None or self.bmc.fault == "auth":
             self.bmc.counts["auth_failed"] += 1
             self._rakp2_error(clienttag, RMCP_UNAUTHORIZED_NAME)
             return
+        limit = self.bmc.privilege_limit(name)
+        if (self.rolem & 0x0F) > limit:
+            self.bmc.counts["auth_failed"] += 1
+            self._rakp2_error(clienttag, RMCP_INVALID_ROLE)
+            return
+        self.maxpriv = min(self.maxpriv, limit)
         self.uuiddata = self.uuid.bytes
         self.Rc = os.urandom(16)
         hmacdata = (
@@ -330,7 +378,15 @@ class SimBmc(pyghmi_bmc.Bmc):
         self.name = node.name
         self.address = str(params["power_address"])
         self.port = int(params.get("power_port", 623))
-        self.authdata = {str(params.get("power_user", "")): str(params.get("power_pass", ""))}
+        self.max_users = int(getattr(shard, "max_users", DEFAULT_MAX_USERS))
+        if not 2 <= self.max_users <= 63:
+            raise ValueError("max_users must be between 2 and 63")
+        self.users = [BmcUser() for _ in range(self.max_users)]  # index: user id - 1
+        admin_name, admin_pass = str(params.get("power_user", "")), str(params.get("power_pass", ""))
+        self.users[1 if admin_name else 0] = BmcUser(
+            admin_name, admin_pass, enabled=True, privilege=PRIV_ADMIN, ipmi_msg=True, link_auth=True)
+        self.authdata: dict[str, str] = {}
+        self._sync_authdata()
         self.revision = 0
         self.deviceid = 0x20
         self.firmwaremajor = 1
@@ -366,6 +422,141 @@ class SimBmc(pyghmi_bmc.Bmc):
         self.fault = "none"
         self.latency = 0.0
         self.counts = dict.fromkeys(COUNT_KEYS, 0)
+
+    # -- users ---------------------------------------------------------------------
+
+    def _sync_authdata(self) -> None:
+        """pyghmi's server looks passwords up in ``authdata`` (name -> password): keep it
+        (the same dict object, which sessions share) in step with the user table."""
+        self.authdata.clear()
+        for user in self.users:
+            if user.can_login():
+                self.authdata.setdefault(user.name, user.password)
+
+    def privilege_limit(self, name: str) -> int:
+        """The privilege limit of the first enabled user called ``name`` (0: none)."""
+        for user in self.users:
+            if user.can_login() and user.name == name:
+                return user.privilege
+        return 0
+
+    def _user(self, uid: int) -> BmcUser | None:
+        return self.users[uid - 1] if 1 <= uid <= self.max_users else None
+
+    def _user_command(self, command: int, data: bytes, session: Any) -> None:
+        """Get Channel Info and the user commands (netfn App 0x42-0x47)."""
+        if command == 0x42:  # get channel info
+            channel = data[0] & 0x0F if data else -1
+            if channel not in (LAN_CHANNEL, THIS_CHANNEL):
+                session.send_ipmi_response(code=CC_INVALID_DATA)
+                return
+            sessions = min(self.open_sessions(), 0x3F)
+            # LAN channel 1, 802.3 LAN, IPMB-1.0 protocol, multi-session, IPMI's IANA
+            session.send_ipmi_response(data=[LAN_CHANNEL, 4, 1, 0x80 | sessions, 0xF2, 0x1B, 0, 0, 0])
+            return
+        writes = command in (0x43, 0x45, 0x47)
+        needed = PRIV_ADMIN if writes else PRIV_OPERATOR
+        if session.clientpriv < needed:
+            session.send_ipmi_response(code=CC_INSUFFICIENT_PRIVILEGE)
+            return
+        if command == 0x44:  # get user access
+            if len(data) != 2 or data[0] & 0x0F not in (LAN_CHANNEL, THIS_CHANNEL):
+                session.send_ipmi_response(code=CC_INVALID_DATA)
+                return
+            user = self._user(data[1] & 0x3F)
+            if user is None:
+                session.send_ipmi_response(code=CC_INVALID_DATA)
+                return
+            enabled = sum(1 for u in self.users if u.enabled)
+            status = 0b01 if user.enabled else 0b10
+            access = ((0x40 if user.callback else 0) | (0x20 if user.link_auth else 0)
+                      | (0x10 if user.ipmi_msg else 0) | user.privilege)
+            session.send_ipmi_response(data=[self.max_users, status << 6 | enabled, 1, access])
+        elif command == 0x46:  # get user name
+            user = self._user(data[0] & 0x3F) if len(data) == 1 else None
+            if user is None:
+                session.send_ipmi_response(code=CC_INVALID_DATA)
+                return
+            session.send_ipmi_response(data=list(user.name.encode().ljust(16, b"\0")))
+        elif command == 0x43:  # set user access
+            if len(data) not in (3, 4) or data[0] & 0x0F not in (LAN_CHANNEL, THIS_CHANNEL):
+                session.send_ipmi_response(code=CC_INVALID_DATA)
+                return
+            user = self._user(data[1] & 0x3F)
+            privilege = data[2] & 0x0F
+            if user is None or privilege not in PRIV_NAMES:
+                session.send_ipmi_response(code=CC_INVALID_DATA)
+                return
+            if data[0] & 0x80:
+                user.callback = bool(data[0] & 0x40)
+                user.link_auth = bool(data[0] & 0x20)
+                user.ipmi_msg = bool(data[0] & 0x10)
+            user.privilege = privilege
+            self._user_changed(session)
+        elif command == 0x45:  # set user name
+            uid = data[0] & 0x3F if data else 0
+            user = self._user(uid)
+            if len(data) != 17:
+                session.send_ipmi_response(code=CC_REQUEST_LENGTH_INVALID)
+                return
+            if user is None or uid == 1:  # user 1's (null) name is fixed
+                session.send_ipmi_response(code=CC_INVALID_DATA)
+                return
+            try:
+                user.name = bytes(data[1:]).rstrip(b"\0").decode()
+            except UnicodeDecodeError:
+                session.send_ipmi_response(code=CC_INVALID_DATA)
+                return
+            self._user_changed(session)
+        elif command == 0x47:  # set user password
+            self._set_user_password(data, session)
+        else:
+            session.send_ipmi_response(code=CC_INVALID_COMMAND)
+
+    def _set_user_password(self, data: bytes, session: Any) -> None:
+        if len(data) < 2:
+            session.send_ipmi_response(code=CC_REQUEST_LENGTH_INVALID)
+            return
+        user = self._user(data[0] & 0x3F)
+        if user is None:
+            session.send_ipmi_response(code=CC_INVALID_DATA)
+            return
+        operation, size = data[1] & 0x03, 20 if data[0] & 0x80 else 16
+        if operation in (0, 1):  # disable / enable
+            user.enabled = operation == 1
+            self._user_changed(session)
+            return
+        if len(data) != 2 + size:
+            session.send_ipmi_response(code=CC_REQUEST_LENGTH_INVALID)
+            return
+        try:
+            password = bytes(data[2:]).rstrip(b"\0").decode()
+        except UnicodeDecodeError:
+            session.send_ipmi_response(code=CC_INVALID_DATA)
+            return
+        if operation == 2:  # set password
+            user.password = password
+            self._user_changed(session)
+        elif len(user.password.encode()) > size:  # test a 16-byte guess of a 20-byte password
+            session.send_ipmi_response(code=CC_PASSWORD_WRONG_SIZE)
+        elif not hmac.compare_digest(user.password.encode(), password.encode()):
+            session.send_ipmi_response(code=CC_PASSWORD_TEST_FAILED)
+        else:
+            session.send_ipmi_response()
+
+    def _user_changed(self, session: Any) -> None:
+        self.counts["users"] += 1
+        self._sync_authdata()
+        session.send_ipmi_response()
+
+    def accounts(self) -> list[dict[str, Any]]:
+        """The named or enabled user slots, for the control API: never a password."""
+        return [
+            {"uid": uid, "name": user.name, "enabled": user.enabled,
+             "privilege": PRIV_NAMES.get(user.privilege, str(user.privilege)),
+             "ipmi_msg": user.ipmi_msg}
+            for uid, user in enumerate(self.users, start=1) if user.name or user.enabled
+        ]
 
     # -- sessions ------------------------------------------------------------------
 
@@ -478,6 +669,8 @@ class SimBmc(pyghmi_bmc.Bmc):
                 session.send_ipmi_response(code=self._set_boot_options(data))
             elif netfn == 0 and command == 9:  # get system boot options
                 self._get_boot_options(data, session)
+            elif netfn == 6 and 0x42 <= command <= 0x47 and hasattr(self, "users"):
+                self._user_command(command, bytes(data), session)
             else:
                 session.send_ipmi_response(code=CC_INVALID_COMMAND)
         except Exception:  # a peer bug must not kill the shard
@@ -559,6 +752,8 @@ class SimBmc(pyghmi_bmc.Bmc):
             "latency": self.latency,
             "address": self.address,
             "port": self.port,
+            "accounts": self.accounts(),
+            "max_users": self.max_users,
         }
 
 
@@ -566,9 +761,10 @@ class Shard:
     """Up to a few hundred BMCs on one epoll loop, plus the control API backend."""
 
     def __init__(self, nodes: Iterable[SimNode], *, max_sessions: int = 16,
-                 session_timeout: float = 60.0) -> None:
+                 session_timeout: float = 60.0, max_users: int = DEFAULT_MAX_USERS) -> None:
         self.max_sessions = max_sessions
         self.session_timeout = session_timeout
+        self.max_users = max_users
         self.lock = threading.Lock()
         self.epoll = select.epoll()
         self.bmcs: dict[str, SimBmc] = {}
@@ -791,6 +987,7 @@ def start_fleet(
     *,
     max_sessions: int = 16,
     session_timeout: float = 60.0,
+    max_users: int = DEFAULT_MAX_USERS,
     ready_timeout: float = 30.0,
 ) -> IpmiFleet:
     """Start ``nodes`` as simulated BMCs, ``shard_size`` per subprocess, and wait until
@@ -813,6 +1010,7 @@ def start_fleet(
                 "nodes": [n.to_json() for n in chunk],
                 "max_sessions": max_sessions,
                 "session_timeout": session_timeout,
+                "max_users": max_users,
             }))
             spec.chmod(0o600)
             port = free_port()
@@ -857,7 +1055,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = json.loads(args.spec.read_text())
     nodes = [SimNode(**n) for n in spec["nodes"]]
     shard = Shard(nodes, max_sessions=int(spec.get("max_sessions", 16)),
-                  session_timeout=float(spec.get("session_timeout", 60.0)))
+                  session_timeout=float(spec.get("session_timeout", 60.0)),
+                  max_users=int(spec.get("max_users", DEFAULT_MAX_USERS)))
     server, port = serve_control(shard, port=args.control_port)
     print(f"ipmi shard: {len(nodes)} BMCs, control on 127.0.0.1:{port}", flush=True)
     try:

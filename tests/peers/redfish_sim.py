@@ -6,10 +6,21 @@ backend and its random 1-11 s delay). Every node is one libvirt test domain and 
 its own loopback address (127.x.y.z) and port, serving only its own system. A WSGI
 middleware in front of the emulator, per BMC:
 
-- enforces HTTP basic auth or a session token with the BMC's own user and password;
+- enforces HTTP basic auth or a session token against the BMC's accounts (the node's
+  ``power_user`` / ``power_pass`` is account 1, an Administrator);
 - serves a minimal SessionService (``POST /redfish/v1/SessionService/Sessions`` ->
   ``X-Auth-Token`` + ``Location``; ``DELETE`` of that location; at most
   :data:`MAX_SESSIONS` open, then 503) and links it from the service root;
+- serves an AccountService (``/redfish/v1/AccountService/Accounts``: GET, POST to create
+  with ``UserName`` / ``Password`` / ``RoleId`` / ``Enabled``, PATCH of ``Password`` /
+  ``RoleId`` / ``Enabled`` / ``Locked`` / ``UserName`` honouring ``If-Match``, DELETE);
+  writes need the Administrator role (an account may change its own password), 403
+  otherwise; at most ``max_accounts`` accounts (default :data:`MAX_ACCOUNTS`), then 400
+  ``CreateLimitReachedForResource``; a duplicate name is 409 ``ResourceAlreadyExists``;
+  passwords of :data:`PASSWORD_LENGTHS` characters. Power actions and boot changes need
+  Operator or Administrator (a ReadOnly account gets 403). Disabled or locked accounts
+  cannot log in. The control API lists ``accounts`` (id, name, role, enabled: never a
+  password) and counts accepted account writes as ``users``;
 - counts what it receives (:data:`COUNT_KEYS`) and injects faults (``no_answer``: hang
   until the fault is cleared; ``slow``: latency; ``auth``: 401; ``busy``: 503;
   ``garbage``: a malformed JSON body; ``powering``: ``PowerState`` reads ``PoweringOn``).
@@ -19,7 +30,8 @@ It serves the control API of :mod:`tests.peers.common` on 127.0.0.1. Start it wi
 
     python -m tests.peers.redfish_sim --spec fleet.json --control-port 9100
 
-where ``fleet.json`` is ``{"nodes": [SimNode.to_json(), ...]}`` (see :func:`make_nodes`).
+where ``fleet.json`` is ``{"nodes": [SimNode.to_json(), ...], "max_accounts": 16}`` (see
+:func:`make_nodes`).
 """
 
 from __future__ import annotations
@@ -49,12 +61,18 @@ from tests.peers import common
 from tests.peers.common import PeerControl, SimNode, free_port, serve_control
 
 COUNT_KEYS = ("on", "off", "soft_off", "cycle", "reset", "boot", "query", "sessions", "open_sessions",
-              "auth_failures")
-"""The control API's count keys, plus ``auth_failures``: requests refused for bad credentials."""
+              "auth_failures", "users")
+"""The control API's count keys, plus ``auth_failures``: requests refused for bad credentials,
+and ``users``: account writes (create, change, delete) accepted."""
 EXTRA_FAULTS = ("garbage", "powering")
 """Faults this peer adds to :data:`tests.peers.common.FAULTS`."""
 MAX_SESSIONS = 8
 """Open sessions per BMC before a login is refused with 503 (like many real BMCs)."""
+MAX_ACCOUNTS = 16
+"""Accounts per BMC (the default; the spec's ``max_accounts`` overrides it)."""
+ROLES = ("Administrator", "Operator", "ReadOnly")
+PASSWORD_LENGTHS = (8, 20)
+"""The AccountService's MinPasswordLength and MaxPasswordLength."""
 DEFAULT_PASSWORD = "redfish-Secret-1"
 SYSTEM_NAMESPACE = uuid.UUID("7c1e4d2a-9b7f-4c43-8d0e-1f5a0e6b2c11")
 
@@ -70,6 +88,8 @@ _RESET_COUNTS = {
 _BOOT_NAMES = {"Pxe": "pxe", "Hdd": "disk", "Cd": "cdrom", "BiosSetup": "bios"}
 _ROOT = "/redfish/v1"
 _SESSIONS = f"{_ROOT}/SessionService/Sessions"
+_ACCOUNT_SERVICE = f"{_ROOT}/AccountService"
+_ACCOUNTS = f"{_ACCOUNT_SERVICE}/Accounts"
 _REPO = Path(__file__).resolve().parents[2]
 
 
@@ -165,13 +185,16 @@ class RedfishFleet:
         self.stop()
 
 
-def start_fleet(nodes: list[SimNode], workdir: Path, timeout: float = 30.0) -> RedfishFleet:
+def start_fleet(nodes: list[SimNode], workdir: Path, timeout: float = 30.0, *,
+                max_accounts: int = MAX_ACCOUNTS) -> RedfishFleet:
     """Start the simulator for ``nodes`` as a subprocess (it exits when this process dies)
     and wait until every BMC and the control API answer. Raises ``RuntimeError``."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     spec = workdir / "redfish-fleet.json"
-    spec.write_text(json.dumps({"nodes": [n.to_json() for n in nodes]}, indent=1))
+    spec.write_text(json.dumps({"nodes": [n.to_json() for n in nodes],
+                                "max_accounts": max_accounts}, indent=1))
+    spec.chmod(0o600)
     port = free_port()
     log_path = workdir / "redfish-sim.log"
     env = dict(os.environ)
@@ -204,6 +227,32 @@ def start_fleet(nodes: list[SimNode], workdir: Path, timeout: float = 30.0) -> R
 
 
 @dataclass
+class Account:
+    """One BMC account (a Redfish ManagerAccount)."""
+
+    id: str
+    name: str
+    password: str
+    role: str
+    enabled: bool = True
+    locked: bool = False
+    version: int = 1
+
+    def doc(self) -> dict[str, Any]:
+        return {
+            "@odata.type": "#ManagerAccount.v1_3_0.ManagerAccount",
+            "@odata.id": f"{_ACCOUNTS}/{self.id}", "@odata.etag": self.etag(),
+            "Id": self.id, "Name": "User Account", "UserName": self.name, "Password": None,
+            "RoleId": self.role, "Enabled": self.enabled, "Locked": self.locked,
+            "AccountTypes": ["Redfish", "IPMI"],
+            "Links": {"Role": {"@odata.id": f"{_ACCOUNT_SERVICE}/Roles/{self.role}"}},
+        }
+
+    def etag(self) -> str:
+        return f'W/"{self.id}-{self.version}"'
+
+
+@dataclass
 class Bmc:
     """One simulated BMC and the system behind it."""
 
@@ -220,6 +269,26 @@ class Bmc:
     latency: float = 0.0
     boot_request: dict[str, Any] = field(default_factory=dict)
     """The last Boot object PATCHed (the emulator keeps no "Once")."""
+    accounts: dict[str, Account] = field(default_factory=dict)
+    """Account id -> account; ``user`` / ``password`` seed account 1."""
+    session_users: dict[str, str] = field(default_factory=dict)
+    """Open sessions: token -> the account name that made it."""
+    max_accounts: int = MAX_ACCOUNTS
+
+    def __post_init__(self) -> None:
+        if not self.accounts:
+            self.accounts["1"] = Account("1", self.user, self.password, "Administrator")
+
+    def login(self, name: str, password: str) -> Account | None:
+        """The enabled, unlocked account with these credentials, if any."""
+        for account in self.accounts.values():
+            if (account.name == name and account.enabled and not account.locked
+                    and secrets.compare_digest(account.password.encode(), password.encode())):
+                return account
+        return None
+
+    def by_name(self, name: str) -> Account | None:
+        return next((a for a in self.accounts.values() if a.name == name), None)
 
 
 def _json_reply(start_response: Callable[..., Any], status: str, body: Any,
@@ -260,7 +329,7 @@ def _call(app: Callable[..., Any], environ: dict[str, Any]) -> tuple[str, list[t
 class Simulator:
     """The emulator, the libvirt test hypervisor and the BMCs; the control backend."""
 
-    def __init__(self, nodes: list[SimNode]) -> None:
+    def __init__(self, nodes: list[SimNode], max_accounts: int = MAX_ACCOUNTS) -> None:
         import libvirt
         from sushy_tools.emulator import main as emulator
 
@@ -281,7 +350,7 @@ class Simulator:
             bmc = Bmc(
                 name=node.name, uuid=system_uuid(node.name), host=url.hostname or "127.0.0.1",
                 port=url.port or 80, user=params.get("power_user", "admin"),
-                password=params.get("power_pass", DEFAULT_PASSWORD),
+                password=params.get("power_pass", DEFAULT_PASSWORD), max_accounts=max_accounts,
             )
             self.bmcs[node.name] = bmc
             domain = self.conn.defineXML(
@@ -314,6 +383,8 @@ class Simulator:
             with self.lock:
                 counts = dict(bmc.counts, open_sessions=len(bmc.sessions))
                 boot_request = dict(bmc.boot_request)
+                accounts = [{"id": a.id, "name": a.name, "role": a.role, "enabled": a.enabled,
+                             "locked": a.locked} for a in bmc.accounts.values()]
             out[name] = {
                 "power": "on" if self._domain(name).isActive() else "off",
                 "boot": _BOOT_NAMES.get(boot or "", boot),
@@ -324,6 +395,8 @@ class Simulator:
                 "latency": bmc.latency,
                 "address": f"{bmc.host}:{bmc.port}",
                 "uuid": bmc.uuid,
+                "accounts": accounts,
+                "max_accounts": bmc.max_accounts,
             }
         return out
 
@@ -357,19 +430,25 @@ class Simulator:
         with self.lock:
             bmc.counts[key] += 1
 
-    def _authorized(self, bmc: Bmc, environ: dict[str, Any]) -> bool:
+    def _authorized(self, bmc: Bmc, environ: dict[str, Any]) -> Account | None:
+        """The account a request is made as (a session's or basic auth's), or None."""
         token = environ.get("HTTP_X_AUTH_TOKEN")
         if token:
             with self.lock:
-                return token in bmc.sessions
+                name = bmc.session_users.get(token) if token in bmc.sessions else None
+                account = bmc.by_name(name) if name is not None else None
+                if account is None or not account.enabled or account.locked:
+                    return None
+                return account
         header = environ.get("HTTP_AUTHORIZATION", "")
         if header[:6].lower() == "basic ":
             try:
                 user, _, password = base64.b64decode(header[6:]).decode().partition(":")
             except (binascii.Error, UnicodeDecodeError):
-                return False
-            return user == bmc.user and password == bmc.password
-        return False
+                return None
+            with self.lock:
+                return bmc.login(user, password)
+        return None
 
     def handle(self, bmc: Bmc, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
@@ -398,10 +477,16 @@ class Simulator:
             return self._root(environ, start_response)
         if path.startswith(f"{_ROOT}/SessionService"):
             return self._session_service(bmc, method, path, environ, start_response)
-        if not self._authorized(bmc, environ):
+        account = self._authorized(bmc, environ)
+        if account is None:
             self._count(bmc, "auth_failures")
             return _error(start_response, "401 Unauthorized", "Base.1.0.NoValidSession",
                           "authentication required", [("WWW-Authenticate", 'Basic realm="BMC"')])
+        if path == _ACCOUNT_SERVICE or path.startswith(_ACCOUNT_SERVICE + "/"):
+            return self._account_service(bmc, account, method, path, environ, start_response)
+        if method != "GET" and account.role == "ReadOnly":
+            return _error(start_response, "403 Forbidden", "Base.1.8.InsufficientPrivilege",
+                          "the account's role does not allow this")
         if path == f"{_ROOT}/Systems":
             members = [{"@odata.id": f"{_ROOT}/Systems/{bmc.uuid}"}]
             return _json_reply(start_response, "200 OK", {
@@ -430,6 +515,7 @@ class Simulator:
         status, headers, body = _call(self.app, environ)
         doc = json.loads(body)
         doc["SessionService"] = {"@odata.id": f"{_ROOT}/SessionService"}
+        doc["AccountService"] = {"@odata.id": _ACCOUNT_SERVICE}
         doc.setdefault("Links", {})["Sessions"] = {"@odata.id": _SESSIONS}
         return _json_reply(start_response, status, doc)
 
@@ -471,7 +557,11 @@ class Simulator:
             if not isinstance(creds, dict):
                 return _error(start_response, "400 Bad Request", "Base.1.0.MalformedJSON",
                               "the request body is not JSON")
-            if creds.get("UserName") != bmc.user or creds.get("Password") != bmc.password:
+            user, password = creds.get("UserName"), creds.get("Password")
+            with self.lock:
+                account = (bmc.login(user, password)
+                           if isinstance(user, str) and isinstance(password, str) else None)
+            if account is None:
                 self._count(bmc, "auth_failures")
                 return _error(start_response, "401 Unauthorized", "Base.1.0.NoValidSession",
                               "invalid credentials")
@@ -482,12 +572,13 @@ class Simulator:
                     full = False
                     token, sid = secrets.token_hex(16), secrets.token_hex(6)
                     bmc.sessions[token] = sid
+                    bmc.session_users[token] = account.name
                     bmc.counts["sessions"] += 1
             if full:
                 return _error(start_response, "503 Service Unavailable",
                               "Base.1.0.SessionLimitExceeded", "no free session")
             location = f"{_SESSIONS}/{sid}"
-            return _json_reply(start_response, "201 Created", self._session_doc(bmc, sid),
+            return _json_reply(start_response, "201 Created", self._session_doc(account.name, sid),
                                [("X-Auth-Token", token), ("Location", location)])
         if not self._authorized(bmc, environ):
             self._count(bmc, "auth_failures")
@@ -512,20 +603,160 @@ class Simulator:
                 found = next((t for t, s in bmc.sessions.items() if s == sid), None)
                 if found is not None and method == "DELETE":
                     del bmc.sessions[found]
+                    bmc.session_users.pop(found, None)
+                user = bmc.session_users.get(found or "", "")
             if found is None:
                 return _error(start_response, "404 Not Found", "Base.1.0.ResourceMissingAtURI",
                               "no such session")
             if method == "DELETE":
                 return _json_reply(start_response, "204 No Content", None)
             if method == "GET":
-                return _json_reply(start_response, "200 OK", self._session_doc(bmc, sid))
+                return _json_reply(start_response, "200 OK", self._session_doc(user, sid))
         return _error(start_response, "405 Method Not Allowed", "Base.1.0.OperationNotAllowed",
                       "method not allowed")
 
     @staticmethod
-    def _session_doc(bmc: Bmc, sid: str) -> dict[str, Any]:
+    def _session_doc(user: str, sid: str) -> dict[str, Any]:
         return {"@odata.type": "#Session.v1_0_0.Session", "@odata.id": f"{_SESSIONS}/{sid}",
-                "Id": sid, "Name": "User Session", "UserName": bmc.user}
+                "Id": sid, "Name": "User Session", "UserName": user}
+
+    # -- AccountService --
+
+    def _account_service(self, bmc: Bmc, caller: Account, method: str, path: str,
+                         environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        def error(status: str, code: str, message: str) -> Iterable[bytes]:
+            return _error(start_response, status, f"Base.1.8.{code}", message)
+
+        if path == _ACCOUNT_SERVICE and method == "GET":
+            return _json_reply(start_response, "200 OK", {
+                "@odata.type": "#AccountService.v1_5_0.AccountService",
+                "@odata.id": _ACCOUNT_SERVICE, "Id": "AccountService", "Name": "Account Service",
+                "ServiceEnabled": True, "MinPasswordLength": PASSWORD_LENGTHS[0],
+                "MaxPasswordLength": PASSWORD_LENGTHS[1], "Accounts": {"@odata.id": _ACCOUNTS}})
+        if path == _ACCOUNTS and method == "GET":
+            with self.lock:
+                ids = sorted(bmc.accounts, key=int)
+            return _json_reply(start_response, "200 OK", {
+                "@odata.type": "#ManagerAccountCollection.ManagerAccountCollection",
+                "@odata.id": _ACCOUNTS, "Name": "Accounts", "Members@odata.count": len(ids),
+                "Members": [{"@odata.id": f"{_ACCOUNTS}/{i}"} for i in ids]})
+        if path == _ACCOUNTS and method == "POST":
+            if caller.role != "Administrator":
+                return error("403 Forbidden", "InsufficientPrivilege", "creating accounts needs ConfigureUsers")
+            body = self._json_body(environ)
+            if body is None:
+                return error("400 Bad Request", "MalformedJSON", "the request body is not a JSON object")
+            name, password = body.get("UserName"), body.get("Password")
+            role, enabled = body.get("RoleId"), body.get("Enabled", True)
+            for prop, value in (("UserName", name), ("Password", password), ("RoleId", role)):
+                if value is None:
+                    return error("400 Bad Request", "PropertyMissing", f"{prop} is required")
+            problem = self._account_problem(name, password, role, enabled)
+            if problem:
+                return error("400 Bad Request", *problem)
+            with self.lock:
+                if bmc.by_name(name) is not None:
+                    full, exists = False, True
+                elif len(bmc.accounts) >= bmc.max_accounts:
+                    full, exists = True, False
+                else:
+                    full = exists = False
+                    ident = str(max(map(int, bmc.accounts), default=0) + 1)
+                    account = Account(ident, name, password, role, enabled=bool(enabled))
+                    bmc.accounts[ident] = account
+                    bmc.counts["users"] += 1
+                    doc = account.doc()
+            if exists:
+                return error("409 Conflict", "ResourceAlreadyExists", "an account of that name exists")
+            if full:
+                return error("400 Bad Request", "CreateLimitReachedForResource",
+                             "no more accounts can be created")
+            return _json_reply(start_response, "201 Created", doc,
+                               [("Location", doc["@odata.id"]), ("ETag", doc["@odata.etag"])])
+        if path.startswith(_ACCOUNTS + "/"):
+            ident = path[len(_ACCOUNTS) + 1:]
+            with self.lock:
+                account = bmc.accounts.get(ident)
+            if account is None:
+                return error("404 Not Found", "ResourceMissingAtURI", "no such account")
+            if method == "GET":
+                with self.lock:
+                    doc = account.doc()
+                return _json_reply(start_response, "200 OK", doc, [("ETag", doc["@odata.etag"])])
+            if method == "DELETE":
+                if caller.role != "Administrator" or account is caller:
+                    return error("403 Forbidden", "InsufficientPrivilege", "cannot delete this account")
+                with self.lock:
+                    bmc.accounts.pop(ident, None)
+                    bmc.counts["users"] += 1
+                return _json_reply(start_response, "204 No Content", None)
+            if method == "PATCH":
+                return self._patch_account(bmc, caller, account, environ, start_response)
+        return error("405 Method Not Allowed", "OperationNotAllowed", "method not allowed")
+
+    def _patch_account(self, bmc: Bmc, caller: Account, account: Account, environ: dict[str, Any],
+                       start_response: Callable[..., Any]) -> Iterable[bytes]:
+        def error(status: str, code: str, message: str) -> Iterable[bytes]:
+            return _error(start_response, status, f"Base.1.8.{code}", message)
+
+        body = self._json_body(environ)
+        if body is None:
+            return error("400 Bad Request", "MalformedJSON", "the request body is not a JSON object")
+        allowed = {"UserName", "Password", "RoleId", "Enabled", "Locked"}
+        unknown = sorted(set(body) - allowed)
+        if unknown:
+            return error("400 Bad Request", "PropertyNotWritable", f"{unknown[0]} cannot be written")
+        if caller.role != "Administrator" and not (account is caller and set(body) == {"Password"}):
+            return error("403 Forbidden", "InsufficientPrivilege", "changing accounts needs ConfigureUsers")
+        if body.get("Locked") is True:
+            return error("400 Bad Request", "PropertyValueNotInList", "Locked can only be set to false")
+        problem = self._account_problem(body.get("UserName", account.name), body.get("Password", "x" * 8),
+                                        body.get("RoleId", account.role), body.get("Enabled", True))
+        if problem:
+            return error("400 Bad Request", *problem)
+        with self.lock:
+            match = environ.get("HTTP_IF_MATCH")
+            if match and match not in ("*", account.etag()):
+                stale = True
+            else:
+                stale = False
+                other = bmc.by_name(body.get("UserName", account.name))
+                clash = other is not None and other is not account
+                if not clash:
+                    account.name = body.get("UserName", account.name)
+                    account.password = body.get("Password", account.password)
+                    account.role = body.get("RoleId", account.role)
+                    account.enabled = bool(body.get("Enabled", account.enabled))
+                    account.locked = bool(body.get("Locked", account.locked))
+                    account.version += 1
+                    bmc.counts["users"] += 1
+                doc = account.doc()
+        if stale:
+            return error("412 Precondition Failed", "PreconditionFailed", "the ETag does not match")
+        if clash:
+            return error("409 Conflict", "ResourceAlreadyExists", "an account of that name exists")
+        return _json_reply(start_response, "200 OK", doc, [("ETag", doc["@odata.etag"])])
+
+    @staticmethod
+    def _account_problem(name: Any, password: Any, role: Any, enabled: Any) -> tuple[str, str] | None:
+        """(message id, message) for a bad account property, or None. Never echoes values."""
+        if not isinstance(name, str) or not 1 <= len(name) <= 16:
+            return ("PropertyValueFormatError", "UserName must be 1 to 16 characters")
+        low, high = PASSWORD_LENGTHS
+        if not isinstance(password, str) or not low <= len(password) <= high:
+            return ("PropertyValueFormatError", f"Password must be {low} to {high} characters")
+        if role not in ROLES:
+            return ("PropertyValueNotInList", f"RoleId must be one of {', '.join(ROLES)}")
+        if not isinstance(enabled, bool):
+            return ("PropertyValueTypeError", "Enabled must be true or false")
+        return None
+
+    def _json_body(self, environ: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            body = json.loads(self._read_body(environ) or b"{}")
+        except ValueError:
+            return None
+        return body if isinstance(body, dict) else None
 
 
 def serve_bmcs(sim: Simulator) -> None:
@@ -577,8 +808,9 @@ def main(argv: list[str] | None = None) -> int:
     missing = tuple(f for f in EXTRA_FAULTS if f not in common.FAULTS)
     if missing:  # the control API validates fault names against this tuple
         common.FAULTS = (*common.FAULTS, *missing)  # type: ignore[assignment]
-    nodes = [SimNode(**n) for n in json.loads(args.spec.read_text())["nodes"]]
-    sim = Simulator(nodes)
+    spec = json.loads(args.spec.read_text())
+    nodes = [SimNode(**n) for n in spec["nodes"]]
+    sim = Simulator(nodes, max_accounts=int(spec.get("max_accounts", MAX_ACCOUNTS)))
     serve_bmcs(sim)
     _server, port = serve_control(sim, port=args.control_port)
     print(f"redfish simulator: {len(nodes)} BMCs, control on http://127.0.0.1:{port}", flush=True)

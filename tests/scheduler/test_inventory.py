@@ -597,7 +597,7 @@ def test_load_node_decrypts(store: InventoryStore, inventory: Inventory) -> None
     assert store.load_node("m1") == inventory.nodes["m1"]
 
 
-def test_load_nodes_is_one_hmget(
+def test_load_nodes_is_one_round_trip(
     redis_client: redis.Redis, prefix: str, key: str, inventory: Inventory
 ) -> None:
     counting = CountingRedis(redis_client)
@@ -605,7 +605,7 @@ def test_load_nodes_is_one_hmget(
     store.save(inventory)
     counting.calls.clear()
     nodes = store.load_nodes(["n1", "n2", "ghost", "n1"])
-    assert counting.calls == ["hmget"]
+    assert counting.calls == ["pipeline"]  # the inventory and the enlisted credentials, together
     assert sorted(nodes) == ["n1", "n2"]
     assert nodes["n2"].params["power_pass"] == "env-Pa55"
     assert store.load_nodes([]) == {}
@@ -872,3 +872,29 @@ def test_scheduler_imports_without_driver_libraries(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_enlisted_credentials_win_over_the_inventory_across_reloads(
+    redis_client: redis.Redis, prefix: str, key: str, inventory: Inventory
+) -> None:
+    store = InventoryStore(redis_client, prefix, SecretBox(key))
+    store.save(inventory)
+    node = store.load_node("n2")
+    assert node is not None
+    store.set_enlisted("n2", node.power_type, {"power_user": "powerq", "power_pass": "Enl1sted-Pw"},
+                       {"power_pass"})
+    raw = redis_client.hget(store.enlisted_key, "n2")
+    assert raw is not None and "Enl1sted-Pw" not in str(raw)  # sealed at rest
+    store.save(inventory)  # an inventory reload keeps them
+    again = store.load_nodes(["n2"])["n2"]
+    assert (again.params["power_user"], again.params["power_pass"]) == ("powerq", "Enl1sted-Pw")
+    assert "power_pass" in again.secret_fields
+    view = store.public_view("n2")
+    assert view is not None and view["params"]["power_pass"] == "***" and view["enlisted_at"]
+    assert store.enlisted(["n2", "n1"]) == {"n2": {"at": view["enlisted_at"], "power_type": node.power_type,
+                                                    "fields": ["power_pass", "power_user"]}}
+    # another power type for the node: the old account no longer applies
+    store.set_enlisted("n2", "something-else", {"power_user": "x"}, set())
+    assert store.load_node("n2").params["power_user"] != "x"  # type: ignore[union-attr]
+    assert store.forget_enlisted(["n2", "n1"]) == 1
+    assert store.load_node("n2").params["power_pass"] == "env-Pa55"  # type: ignore[union-attr]

@@ -14,8 +14,8 @@ from collections.abc import Callable
 import pytest
 
 from drivers.base import Capabilities, DriverSettings, PowerDriver, PowerState
-from drivers.errors import AuthError, BusyError, UnreachableError
-from workers.policy import BmcLocks, NodeRunner, PolicySettings
+from drivers.errors import AuthError, UnreachableError
+from workers.policy import BmcLocks, Cancelled, NodeRunner, PolicySettings
 
 
 class ScriptSettings(DriverSettings):
@@ -116,7 +116,7 @@ def test_native_cycle_is_never_retried() -> None:
 def test_transient_errors_are_retried_with_full_jitter_backoff() -> None:
     clock = FakeClock()
     dev = ScriptedDevice(PowerState.OFF)
-    dev.faults["on"] = [BusyError(), BusyError()]
+    dev.faults["on"] = [UnreachableError(), UnreachableError()]  # busy backs off longer (issue 5)
     result = runner(clock, max_attempts=3, backoff_base=0.5, backoff_max=8.0).run("n1", dev, "on", {})
     assert result.outcome == "ok", result.error
     assert dev.calls.count("on") == 3
@@ -223,3 +223,76 @@ def test_a_call_that_never_returns_is_a_timeout_and_blocks_nothing_else() -> Non
     time.sleep(0.05)
     result = NodeRunner(settings, locks=locks).run("n2", other, "query", {})
     assert result.outcome == "ok" and other.calls == ["query"]
+
+
+# -- power-on timeline gate -----------------------------------------------------------------
+
+
+class RecordingGate:
+    """A gate of our own (the protocol in workers/policy.py) that records when it is asked."""
+
+    def __init__(self, dev: ScriptedDevice, cancel_at: str | None = None) -> None:
+        self.dev = dev
+        self.not_before = 123.0
+        self.cancel_at = cancel_at
+        self.asked: list[tuple[str, int, bool]] = []  # (what, driver calls so far, cancellable)
+
+    def wait_turn(self) -> None:
+        self.asked.append(("turn", len(self.dev.calls), True))
+        if self.cancel_at == "turn":
+            raise Cancelled()
+
+    def admit(self, *, cancellable: bool = True) -> float:
+        self.asked.append(("admit", len(self.dev.calls), cancellable))
+        if self.cancel_at == "admit" and cancellable:
+            raise Cancelled()
+        return 200.0 + len(self.asked)
+
+
+def test_gate_holds_the_node_before_anything_is_sent_and_admits_right_before_on() -> None:
+    dev = ScriptedDevice(PowerState.OFF)
+    gate = RecordingGate(dev)
+    result = runner(FakeClock()).run("n1", dev, "on", {}, gate=gate)
+    assert result.outcome == "ok"
+    assert gate.asked == [("turn", 0, True), ("admit", 1, True)]  # after the query, before on
+    assert dev.calls == ["query", "on", "query"]
+    assert result.planned_at == 123.0 and result.power_on_at == 202.0
+
+
+def test_gate_is_not_asked_for_a_slot_when_the_node_is_already_on() -> None:
+    dev = ScriptedDevice(PowerState.ON)
+    gate = RecordingGate(dev)
+    result = runner(FakeClock()).run("n1", dev, "on", {}, gate=gate)
+    assert [a[0] for a in gate.asked] == ["turn"]
+    assert result.power_on_at is None and result.note == "already on"
+
+
+def test_cancel_before_the_turn_sends_nothing() -> None:
+    dev = ScriptedDevice(PowerState.OFF)
+    result = runner(FakeClock()).run("n1", dev, "on", {}, gate=RecordingGate(dev, cancel_at="turn"))
+    assert (result.outcome, result.note) == ("skipped", "cancelled")
+    assert dev.calls == []
+
+
+def test_cancel_while_waiting_for_a_slot_leaves_the_node_off() -> None:
+    dev = ScriptedDevice(PowerState.OFF)
+    result = runner(FakeClock()).run("n1", dev, "on", {}, gate=RecordingGate(dev, cancel_at="admit"))
+    assert (result.outcome, result.note) == ("skipped", "cancelled")
+    assert dev.calls == ["query"]
+
+
+def test_a_cycle_that_powered_off_always_powers_back_on_even_if_cancelled() -> None:
+    dev = ScriptedDevice(PowerState.ON)
+    gate = RecordingGate(dev, cancel_at="admit")
+    result = runner(FakeClock()).run("n1", dev, "cycle", {}, gate=gate)
+    assert result.outcome == "ok", result.error
+    assert dev.calls == ["query", "off", "query", "on", "query"]
+    assert gate.asked[-1] == ("admit", 3, False)  # after off + confirm, not cancellable
+
+
+def test_native_cycle_takes_its_slot_before_the_cycle() -> None:
+    dev = ScriptedDevice(PowerState.ON)
+    gate = RecordingGate(dev)
+    result = runner(FakeClock(), cycle_mode="native").run("n1", dev, "cycle", {}, gate=gate)
+    assert result.outcome == "ok"
+    assert gate.asked[-1] == ("admit", 1, True) and dev.calls[1] == "cycle"
