@@ -331,6 +331,24 @@ def _untangle_pyghmi_locks() -> None:
         pyghmi_session.KEEPALIVE_SESSIONS = pyghmi_session.WAITING_SESSIONS
 
 
+# -- the shared RMCP+ client (issue 4) --------------------------------------------------------
+_LANPLUS: dict[str, Any] = {"client": None}
+
+LEAN_BOOT_DEVICES = {"pxe": "pxe", "disk": "disk", "cdrom": "cdrom", "bios": "bios"}
+
+
+def use_lanplus(client: Any | None) -> None:
+    """Send :class:`IPMIDriver`'s power calls (on, off, cycle, query, next boot) through
+    ``client``, a :class:`drivers.rmcpplus.BlockingLanplus` shared by the process whose
+    sessions stay open across calls and jobs; ``None`` goes back to pyghmi. User
+    commands (enlistment), bridging (moonshot) and OEM raw commands (sm15k) stay on pyghmi."""
+    _LANPLUS["client"] = client
+
+
+def lanplus_client() -> Any | None:
+    return _LANPLUS["client"]
+
+
 @register
 class IPMIDriver(PowerDriver):
     """IPMI 2.0 over RMCP+ (pyghmi). One session per instance; ``close()`` logs out."""
@@ -440,12 +458,28 @@ class IPMIDriver(PowerDriver):
 
     # -- the contract --------------------------------------------------------------
 
+    def _lean(self, call: Callable[[Any, Any], Any]) -> Any:
+        """Run ``call(client, target)`` on the shared RMCP+ client, bounded by the call
+        timeout (the client retransmits inside it)."""
+        from .rmcpplus import Target
+
+        s = self.settings
+        k_g = secret_value(s.k_g) if s.k_g is not None else ""
+        target = Target(host=s.power_address, port=int(s.power_port), username=s.power_user,
+                        password=secret_value(s.power_pass), kg=k_g or None,
+                        privilege=s.privilege_level, cipher_suite=int(s.cipher_suite_id))
+        client = _LANPLUS["client"]
+        return client.call(lambda c: call(c, target), timeout=self.timeout)
+
     def power_on(self) -> None:
         """Chassis power on, unless the chassis already reports on (never a reset).
 
         Raises AuthError, BusyError, UnreachableError, CallTimeoutError, DeviceError,
         ToolMissingError.
         """
+        if _LANPLUS["client"] is not None:
+            self._lean(lambda c, t: c.chassis_control(t, "on"))
+            return
         self._run("power on", lambda cmd: cmd.set_power("on", wait=False))
 
     def power_off(self, soft: bool = False) -> None:
@@ -455,6 +489,12 @@ class IPMIDriver(PowerDriver):
         read and pass as ``soft``. A soft off of a node that is already off sends nothing.
         Raises as :meth:`power_on`.
         """
+        if _LANPLUS["client"] is not None:
+            if soft and self.query() is PowerState.OFF:
+                return
+            self._lean(lambda c, t: c.chassis_control(t, "soft" if soft else "off"))
+            return
+
         def _off(cmd: Any) -> None:
             if soft:
                 if self._chassis_power(cmd) is PowerState.OFF:
@@ -470,6 +510,11 @@ class IPMIDriver(PowerDriver):
 
         Raises as :meth:`power_on`.
         """
+        if _LANPLUS["client"] is not None:
+            on = self.query() is PowerState.ON
+            self._lean(lambda c, t: c.chassis_control(t, "cycle" if on else "on"))
+            return
+
         def _cycle(cmd: Any) -> None:
             if self._chassis_power(cmd) is PowerState.OFF:
                 cmd.set_power("on", wait=False)
@@ -480,6 +525,8 @@ class IPMIDriver(PowerDriver):
 
     def query(self) -> PowerState:
         """Get Chassis Status: ``on`` or ``off``. Raises as :meth:`power_on`."""
+        if _LANPLUS["client"] is not None:
+            return PowerState(self._lean(lambda c, t: c.query(t)))
         return self._run("query", self._chassis_power)
 
     def set_boot_device(
@@ -493,6 +540,10 @@ class IPMIDriver(PowerDriver):
         if name is None:
             raise UnsupportedError(f"ipmi cannot boot from {device}")
         uefi = efi or self.settings.power_boot_type == "efi"
+        lean_name = LEAN_BOOT_DEVICES.get(str(BootDevice(device)))
+        if _LANPLUS["client"] is not None and lean_name is not None:
+            self._lean(lambda c, t: c.set_boot_device(t, lean_name, efi=uefi, persistent=persistent))
+            return
 
         def _set(cmd: Any) -> None:
             result = cmd.set_bootdev(name, persist=persistent, uefiboot=uefi)

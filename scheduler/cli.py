@@ -475,20 +475,35 @@ def status(obj: Ctx, nodeset: str, as_json: bool) -> None:
         data.append(item)
         rows.append([name, item["rack"], item["power_type"], state, age(item["age"]),
                      err.get("code", ""), err.get("message", "")])
+    # Fleet freshness (issue 4): how old the known states are, over the nodes that have one.
+    ages = _age_percentiles([i["age"] for i in data if i["age"] is not None])
+    never = sum(1 for i in data if i["age"] is None)
     if as_json:
-        body: dict[str, Any] = {"nodes": data, "summary": summary}
+        body: dict[str, Any] = {"nodes": data, "summary": summary,
+                                "state_age": {"percentiles": ages, "never_read": never}}
         if parked_bmcs:  # parking (issue 5)
             body["parked"] = parked_bmcs
         click.echo(json.dumps(body, indent=2))
         return
     click.echo(table(rows, ["node", "rack", "type", "state", "age", "last error", "message"]))
     click.echo(", ".join(f"{v} {k}" for k, v in sorted(summary.items())) + f" ({len(names)} nodes)")
+    if ages:
+        click.echo("state age: " + ", ".join(f"{k} {age(v)}" for k, v in ages.items())
+                   + (f"; {never} node(s) never read" if never else ""))
     if parked_bmcs:  # parking (issue 5)
         behind = sum(1 for n in names if parked_by_node.get(n))
         click.echo(f"{len(parked_bmcs)} BMC(s) parked, {behind} of these nodes behind them: "
                    + "; ".join(_parked_text(p) for p in parked_bmcs[:5])
                    + ("; ..." if len(parked_bmcs) > 5 else "")
                    + " (`powerq unpark BMC|NODESET` releases early)")
+
+
+def _age_percentiles(ages: list[float]) -> dict[str, float]:
+    """p50 / p90 / p99 / max of state ages (seconds), as ``powerq_state_age_seconds``."""
+    from .metrics import percentiles
+
+    named = {"0.5": "p50", "0.9": "p90", "0.99": "p99", "1": "max"}
+    return {named[q]: round(v, 1) for q, v in percentiles(ages, tuple(named)).items()}
 
 
 def _field(entry: Any, name: str, pos: int) -> Any:

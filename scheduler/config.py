@@ -85,6 +85,21 @@ class Config:
         "How a cycle runs: 'off-on' (off, confirm, on, confirm) or 'native' (the device's cycle)",
     )
 
+    # IPMI fleet hot path (issue 4; workers/fastpath.py, drivers/rmcpplus.py)
+    ipmi_fastpath: bool = _opt(
+        True, "IPMI power calls on the worker's own RMCP+ client (sessions kept across jobs), "
+        "and a chunk's IPMI reads in one batch; false: pyghmi, one session per call"
+    )
+    ipmi_fleet_timeout: float = _opt(
+        2.0, "RMCP+ client: seconds before a request is sent again (3 more tries, then unreachable)"
+    )
+    ipmi_fleet_in_flight: int = _opt(
+        512, "RMCP+ client: most requests outstanding at once per worker process"
+    )
+    ipmi_fleet_sessions: int = _opt(
+        20000, "RMCP+ client: most BMC sessions a worker process keeps open (least used logged out)"
+    )
+
     # Store
     result_ttl: int = _opt(7 * 24 * 3600, "Seconds a job and its per-node results are kept")
     events_maxlen: int = _opt(100_000, "Approximate length cap of the state-change / error event stream")
@@ -219,6 +234,7 @@ class Config:
         positive = [
             "chunk_size", "call_timeout", "max_attempts", "confirm_timeout", "confirm_interval",
             "node_concurrency", "task_time_limit", "result_ttl", "events_maxlen", "poll_chunk_size",
+            "ipmi_fleet_timeout", "ipmi_fleet_in_flight", "ipmi_fleet_sessions",
         ]
         for name in positive:
             if getattr(self, name) <= 0:

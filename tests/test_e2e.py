@@ -145,6 +145,14 @@ def test_query_reads_every_node_as_the_peers_hold_it(stack: Stack) -> None:
     status = stack.pq_json("status", "@rack:r1")
     states = {n["node"]: n["state"] for n in status["nodes"]}
     assert all(states[name] == peers[name]["power"] for name in sim_nodes(stack, "r1"))
+    # Fleet freshness (issue 4): percentiles over the nodes read, in order, just read.
+    ages = status["state_age"]["percentiles"]
+    node_ages = sorted(n["age"] for n in status["nodes"] if n["age"] is not None)
+    assert list(ages) == ["p50", "p90", "p99", "max"]
+    assert ages["max"] == node_ages[-1] and ages["p50"] <= ages["p90"] <= ages["p99"] <= ages["max"]
+    assert ages["max"] < 300, ages
+    assert status["state_age"]["never_read"] == sum(1 for n in status["nodes"] if n["age"] is None)
+    assert "state age: p50" in stack.pq("status", "@rack:r1").stdout
 
 
 def test_cycle_rack_counts_exactly_one_off_and_one_on_per_node(stack: Stack) -> None:

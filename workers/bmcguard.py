@@ -106,6 +106,46 @@ return {n, 0, ''}
 """
 
 
+# Batches (the fleet hot path, issue 4): one script for a whole rack chunk.
+# KEYS: parked zset, fail hash. ARGV: prefix, token, ttl ms, now, take (0/1), bmc_key...
+# Returns one status per key: 1 taken (or not asked for), 0 held by another, -1 parked.
+_ACQUIRE_MANY = """
+local out = {}
+local now = tonumber(ARGV[4])
+for i = 6, #ARGV do
+  local bmc = ARGV[i]
+  local till = redis.call('ZSCORE', KEYS[1], bmc)
+  if till and tonumber(till) > now then
+    out[#out + 1] = -1
+  elseif ARGV[5] == '1' and not redis.call('SET', ARGV[1] .. ':bmclease:' .. bmc, ARGV[2], 'NX', 'PX', ARGV[3]) then
+    out[#out + 1] = 0
+  else
+    out[#out + 1] = 1
+  end
+end
+return out
+"""
+
+# KEYS: fail hash, parked zset, parked info. ARGV: prefix, token, n_ok, ok bmc_key..., then
+# released bmc_key... Leases held with ``token`` are released; the ok ones forget failures.
+_RELEASE_MANY = """
+local n_ok = tonumber(ARGV[3])
+for i = 4, #ARGV do
+  local bmc = ARGV[i]
+  local lease = ARGV[1] .. ':bmclease:' .. bmc
+  if ARGV[2] ~= '' and redis.call('GET', lease) == ARGV[2] then
+    redis.call('DEL', lease)
+  end
+  if i < 4 + n_ok then
+    redis.call('HDEL', KEYS[1], bmc)
+    redis.call('ZREM', KEYS[2], bmc)
+    redis.call('HDEL', KEYS[3], bmc)
+  end
+end
+return 1
+"""
+
+
 @dataclass(frozen=True)
 class GuardSettings:
     """The knobs of :class:`BmcGuard`; built from :class:`scheduler.config.Config`."""
@@ -151,6 +191,8 @@ class BmcGuard:
         self._release = self.client.register_script(_RELEASE)
         self._renew = self.client.register_script(_RENEW)
         self._failed = self.client.register_script(_FAILED)
+        self._acquire_many = self.client.register_script(_ACQUIRE_MANY)
+        self._release_many = self.client.register_script(_RELEASE_MANY)
         self._held: dict[str, str] = {}  # lease key -> token, renewed by the renewer thread
         self._held_guard = threading.Lock()
         self._renewer: threading.Thread | None = None
@@ -233,6 +275,34 @@ class BmcGuard:
                                 f"within {self.settings.bmc_lease_wait:g} s", lease=True)
             self.sleep(pause * (0.5 + self.rng() / 2))
             pause = min(pause * 1.5, 0.2)
+
+    # -- batches (the fleet hot path, issue 4) ---------------------------------------------
+    def take_many(self, bmc_keys: list[str], token: str) -> dict[str, int]:
+        """Try, once and without waiting, to take the lease of every BMC in ``bmc_keys``
+        (one script for all). bmc_key -> 1 taken (with ``token``; or not leasing), 0 held
+        by another call, -1 parked. The caller releases with :meth:`release_many`. Redis
+        errors propagate (the caller falls back to the per-node path)."""
+        if not bmc_keys:
+            return {}
+        ttl_ms = max(1, int(self.settings.bmc_lease_ttl * 1000))
+        statuses = self._acquire_many(
+            keys=[self.parked_key, self.fail_key],
+            args=[self.prefix, token, ttl_ms, repr(self.wall()), "1" if self.leasing else "0",
+                  *bmc_keys])
+        return {key: int(st) for key, st in zip(bmc_keys, statuses, strict=True)}
+
+    def release_many(self, ok: list[str], other: list[str], token: str) -> None:
+        """Release the leases taken by :meth:`take_many`; the BMCs in ``ok`` answered, so
+        their count of failures (and any parking) is cleared. Never raises: an unreleased
+        lease expires by itself."""
+        if not ok and not other:
+            return
+        try:
+            self._release_many(keys=[self.fail_key, self.parked_key, self.info_key],
+                               args=[self.prefix, token if self.leasing else "", len(ok), *ok, *other])
+        except redis.RedisError as exc:
+            log.warning("BMC lease release failed for %d BMC(s): %s", len(ok) + len(other),
+                        type(exc).__name__)
 
     def check(self, bmc_key: str) -> None:
         """Raise the parked error if ``bmc_key`` is parked now (one Redis read; used before

@@ -84,6 +84,13 @@ def run_worker(
     hostname: str | None = None,
 ) -> None:
     """Run a rack worker in this process until it is stopped."""
+    if config.ipmi_fastpath:
+        # Issue 4: this process' IPMI power calls go over its one RMCP+ client, whose
+        # sessions stay open across chunks and jobs (workers/fastpath.py).
+        from drivers.ipmi import use_lanplus
+        from workers.fastpath import fleet_client
+
+        use_lanplus(fleet_client(config))
     app = make_app(config)
     queues = [rack_queue(r) for r in racks]
     app.conf.task_queues = queues

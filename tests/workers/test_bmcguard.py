@@ -354,3 +354,36 @@ def test_parked_bmc_fails_at_once_even_behind_a_stuck_call(client: redis.Redis, 
         result = runner.run("n", device, "query", {})
         assert time.monotonic() - started < 0.5
     assert result.error and result.error["details"]["parked"] is True
+
+
+# -- batches: the IPMI fleet hot path (issue 4) ------------------------------------------------
+def test_take_many_takes_free_leases_skips_held_and_parked(client: redis.Redis, prefix: str) -> None:
+    guard = make_guard(client, prefix, bmc_park_after=1, bmc_park_seconds=60)
+    other = make_guard(client, prefix)
+    free, held, sick = f"{prefix}-m1", f"{prefix}-m2", f"{prefix}-m3"
+    assert other.take_many([held], "other-token") == {held: 1}
+    guard.failed(sick, UnreachableError("no answer"), "n3")  # parks it (park_after=1)
+    statuses = guard.take_many([free, held, sick], "tok")
+    assert statuses == {free: 1, held: 0, sick: -1}
+    assert client.get(guard.lease_key(free)) == "tok"
+    assert client.get(guard.lease_key(held)) == "other-token"  # untouched
+    assert client.get(guard.lease_key(sick)) is None
+    # The lease excludes the per-node path of another runner until released.
+    assert other.take_many([free], "third") == {free: 0}
+    guard.release_many([free], [], "tok")
+    assert client.get(guard.lease_key(free)) is None
+    # Releasing with a token that does not hold the lease leaves it alone.
+    guard.release_many([], [held], "tok")
+    assert client.get(guard.lease_key(held)) == "other-token"
+
+
+def test_release_many_clears_failures_of_the_bmcs_that_answered(client: redis.Redis, prefix: str) -> None:
+    guard = make_guard(client, prefix, bmc_park_after=3)
+    ok, bad = f"{prefix}-r1", f"{prefix}-r2"
+    for key in (ok, bad):
+        guard.failed(key, UnreachableError("no answer"), "n")
+    assert guard.take_many([ok, bad], "tok") == {ok: 1, bad: 1}
+    guard.release_many([ok], [bad], "tok")
+    assert client.hget(guard.fail_key, ok) is None
+    assert client.hget(guard.fail_key, bad) == "1"
+    assert client.get(guard.lease_key(ok)) is None and client.get(guard.lease_key(bad)) is None
