@@ -26,6 +26,12 @@ chaos: $(STAMP)
 	POWERQ_CHAOS_SCALE=large $(VENV)/bin/pytest -q -p no:cacheprovider -m chaos --timeout 1800 tests/chaos
 	POWERQ_HYPOTHESIS_PROFILE=chaos $(VENV)/bin/pytest -q -p no:cacheprovider -o timeout=0 tests/property
 
+# powerq against ipmipower, pyghmi and ipmitool on 1,000 and 5,000 simulated BMCs, three
+# repetitions: prints the tables, rewrites docs/benchmarks.md and docs/benchmarks.png.
+# A smoke run: $(PY) -m tests.bench.run --sizes 200 --reps 1 --out /tmp/bench
+bench: $(STAMP)
+	$(PY) -m tests.bench.run --sizes 1000,5000 --reps 3 --out docs
+
 demo: $(STAMP)
 	bash deploy/demo.sh
 

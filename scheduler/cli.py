@@ -653,14 +653,45 @@ def workers(obj: Ctx, as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("action", required=False, type=click.Choice(["up", "down", "status"]))
 @click.option("--dir", "workdir", default=".demo/sim", show_default=True, type=click.Path(file_okay=False))
-@click.option("--racks", default=3, show_default=True)
-@click.option("--mix", default="ipmi=20,redfish=10,virsh=10", show_default=True,
-              help="Nodes per rack of each simulated power type")
+@click.option("--racks", type=click.IntRange(min=1), default=None,
+              help="Racks x mix layout: number of racks  [default: 3]")
+@click.option("--mix", default=None,
+              help="Racks x mix layout: nodes per rack of each simulated power type  "
+                   "[default: ipmi=20,redfish=10,virsh=10]")
+@click.option("--ipmi", type=click.IntRange(min=0), default=None,
+              help="Fleet at scale: IPMI BMCs in all (e.g. 5000), each on its own address, port 623")
+@click.option("--redfish", type=click.IntRange(min=0), default=None, help="Fleet at scale: Redfish systems in all")
+@click.option("--virsh", type=click.IntRange(min=0), default=None, help="Fleet at scale: libvirt domains in all")
+@click.option("--rack-size", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Fleet at scale: nodes per rack (each power type fills racks of its own)")
+@click.option("--ipmi-base", default="127.100.0.1", show_default=True, help="Fleet at scale: first IPMI address")
+@click.option("--redfish-base", default="127.110.0.1", show_default=True,
+              help="Fleet at scale: first Redfish address")
+@click.option("--ipmi-shards", type=click.IntRange(min=1), default=None,
+              help="Fleet at scale: IPMI simulator processes (default: one per 1,700 BMCs, at most 4)")
+@click.option("--latency", type=click.FloatRange(min=0), default=0.05, show_default=True,
+              help="Seconds every IPMI and Redfish reply waits (on a timer: never holds up another BMC)")
+@click.option("--jitter", type=click.FloatRange(min=0), default=None,
+              help="Replies wait --latency plus or minus up to this many seconds  [default: latency / 5]")
 @click.option("--initial", default="mixed", show_default=True, type=click.Choice(["on", "off", "mixed"]),
               help="Power state the simulated nodes start in")
-def sim(workdir: str, racks: int, mix: str, initial: str) -> None:
-    """Run a simulated fleet (real protocol peers) and write DIR/inventory.yaml; until Ctrl-C."""
+@click.option("--foreground", is_flag=True, help="up: run in this process until Ctrl-C, as without `up`")
+@click.option("--timeout", type=click.FloatRange(min=1), default=300.0, show_default=True,
+              help="up: seconds to wait for the fleet to start; down: for it to stop")
+def sim(action: str | None, workdir: str, racks: int | None, mix: str | None, ipmi: int | None,
+        redfish: int | None, virsh: int | None, rack_size: int, ipmi_base: str, redfish_base: str,
+        ipmi_shards: int | None, latency: float, jitter: float | None, initial: str, foreground: bool,
+        timeout: float) -> None:
+    """Run a simulated fleet (real protocol peers) and write DIR/inventory.yaml (+ secrets.yaml).
+
+    \b
+    powerq sim [--racks 3 --mix ipmi=20,redfish=10,virsh=10]   in the foreground, until Ctrl-C
+    powerq sim up --ipmi 5000 --redfish 500 [--rack-size 500]  in the background; state in DIR/fleet.json
+    powerq sim status                                         is it running, what it serves
+    powerq sim down                                           stop it and every peer process
+    """
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
@@ -669,7 +700,36 @@ def sim(workdir: str, racks: int, mix: str, initial: str) -> None:
     sys.path.insert(0, str(root))
     from tests.peers import fleet
 
-    sys.exit(fleet.main(["--dir", workdir, "--racks", str(racks), "--mix", mix, "--initial", initial]))
+    where = Path(workdir)
+    if action == "down":
+        sys.exit(fleet.down(where, timeout=timeout))
+    if action == "status":
+        state = fleet.running(where.resolve())
+        if state is None:
+            click.echo(f"no simulated fleet runs in {where.resolve()}")
+            sys.exit(EXIT_FAILED)
+        types = ", ".join(f"{k} {v}" for k, v in state["types"].items())
+        click.echo(f"running (pid {state['pid']}, {len(state['pids'])} peer processes): {state['nodes']} nodes "
+                   f"({types}) in {len(state['rack_sizes'])} racks, latency {state['latency'] * 1000:g} ms "
+                   f"± {state['jitter'] * 1000:g} ms; inventory {state['inventory']}")
+        return
+    scale = any(n is not None for n in (ipmi, redfish, virsh))
+    if scale and (racks is not None or mix is not None):
+        fail(PlanError("use either --racks/--mix or --ipmi/--redfish/--virsh, not both"), False)
+    if scale and not (ipmi or redfish or virsh):
+        fail(PlanError("the fleet needs at least one node"), False)
+    jitter = latency / 5 if jitter is None else jitter
+    argv = ["--latency", str(latency), "--jitter", str(jitter), "--initial", initial]
+    if scale:
+        argv += ["--ipmi", str(ipmi or 0), "--redfish", str(redfish or 0), "--virsh", str(virsh or 0),
+                 "--rack-size", str(rack_size), "--ipmi-base", ipmi_base, "--redfish-base", redfish_base]
+        if ipmi_shards is not None:
+            argv += ["--ipmi-shards", str(ipmi_shards)]
+    else:
+        argv += ["--racks", str(racks or 3), "--mix", mix or "ipmi=20,redfish=10,virsh=10"]
+    if action == "up" and not foreground:
+        sys.exit(fleet.up(argv, where, timeout=timeout))
+    sys.exit(fleet.main(["--dir", workdir, *argv]))
 
 
 # -- information ---------------------------------------------------------------------------

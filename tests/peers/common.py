@@ -155,6 +155,18 @@ class PeerControl:
                 time.sleep(0.1)
 
 
+def raise_open_files(needed: int) -> None:
+    """Raise this process' soft limit of open files to at least ``needed`` (up to the hard
+    limit): a peer process binds one socket per simulated BMC, and many systems start
+    processes with a soft limit of 1,024."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on ``host`` right now."""
     with socket.socket() as s:

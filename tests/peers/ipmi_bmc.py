@@ -15,8 +15,17 @@ one process and fixes the traps listed in ``/work/shared/PEERS.md``:
   failing on a SHA-1 reply to a SHA-256 proposal;
 - a retransmitted handshake packet (open session, RAKP 1, RAKP 3) is answered with the
   very reply sent the first time, and a retransmitted IPMI request with the same reply
-  without acting twice;
-- replies are delayed on a timer heap, so an injected latency never blocks other BMCs.
+  without acting twice; a closed session lingers ``CLOSED_LINGER`` seconds to answer a
+  resent Close Session (else FreeIPMI waits out its 20 s session timeout when the first
+  reply came late);
+- replies are delayed on a timer heap, so an injected latency never blocks other BMCs:
+  a fleet-wide ``latency`` with ``jitter`` (spec keys, seconds; default 0) and the
+  ``slow`` fault's latency on top;
+- FreeIPMI resends RAKP 1 and RAKP 3 with a new message tag (not byte-identical): a
+  repeated RAKP 1 is answered with the same random number under the new tag, a repeated
+  RAKP 3 after the session is up with RAKP 4 again, unencrypted as the first one (pyghmi's
+  own code would encrypt it and restart the sequence numbers, and the client would then
+  time out).
 
 Behaviour of one BMC: chassis power on / off / cycle / hard reset / soft off, Get
 Chassis Status, Set / Get System Boot Options (boot flags, parameter 5: device, EFI,
@@ -46,25 +55,27 @@ refused as busy), ``retransmits``, ``users`` (Set User Name / Access / Password
 requests accepted). Actions refused (busy, privilege) are not counted.
 
 Faults (``POST /nodes/<name>/fault``): ``no_answer`` drops every packet; ``slow`` delays
-every reply by ``latency`` seconds (default 1 s); ``auth`` refuses every login (RAKP 2
+every reply by ``latency`` more seconds (default 1 s); ``auth`` refuses every login (RAKP 2
 status 0x0D, unauthorized name); ``busy`` refuses new sessions (RMCP+ status 0x01,
 insufficient resources) and answers commands in open sessions with completion code
 0xC0 (node busy).
 
 Run one shard: ``python -m tests.peers.ipmi_bmc --spec FILE --control-port N``, where
 FILE is JSON ``{"nodes": [SimNode.to_json(), ...], "max_sessions": 16,
-"session_timeout": 60, "max_users": 16}``. From Python, use :func:`make_nodes` and :func:`start_fleet`.
+"session_timeout": 60, "max_users": 16, "latency": 0.05, "jitter": 0.01}``. From Python, use :func:`make_nodes` and :func:`start_fleet`.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import heapq
 import hmac
 import ipaddress
 import json
 import os
+import random
 import select
 import socket
 import struct
@@ -83,7 +94,7 @@ from typing import Any
 from pyghmi.ipmi import bmc as pyghmi_bmc
 from pyghmi.ipmi.private import constants, serversession
 
-from tests.peers.common import PeerControl, SimNode, free_port, serve_control
+from tests.peers.common import PeerControl, SimNode, free_port, raise_open_files, serve_control
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -144,6 +155,8 @@ BOOT_SELECTORS = {name: sel for sel, name in BOOT_DEVICES.items()}
 HANDSHAKE_TYPES = (0x10, 0x12, 0x14)  # open session request, RAKP 1, RAKP 3
 
 PENDING_SESSION_TIMEOUT = 10.0
+CLOSED_LINGER = 10.0
+"""Seconds a closed session is remembered, to answer a retransmitted Close Session."""
 
 
 class _Wire:
@@ -205,6 +218,7 @@ class SimSession(serversession.ServerSession):
         self.handshake_replies: dict[bytes, list[bytes]] = {}
         self.last_request: bytes | None = None
         self.last_reply: bytes | None = None
+        self.closed = False
         response = self.create_open_session_response(bytearray(request))
         self.send_payload(
             response, constants.payload_types["rmcpplusopenresponse"], retry=False
@@ -250,8 +264,29 @@ class SimSession(serversession.ServerSession):
             retry=False,
         )
 
+    def _send_setup_payload(self, payload: bytearray, payload_type: int) -> None:
+        """Send a session-setup payload (RAKP 2 / 4) as sent before the session was
+        established: session id 0, sequence 0, no integrity, no encryption."""
+        saved = (self.integrityalgo, self.confalgo, self.sessionid, self.sequencenumber)
+        self.integrityalgo = self.confalgo = 0
+        self.sessionid = self.sequencenumber = 0
+        try:
+            serversession.ServerSession.send_payload(self, payload, payload_type, retry=False)
+        finally:
+            self.integrityalgo, self.confalgo, self.sessionid, self.sequencenumber = saved
+
     def _got_rakp1(self, data: Any) -> None:
         clienttag = data[0]
+        if self.established:
+            return  # a late RAKP 1: the client has moved on
+        if (hasattr(self, "Rc") and bytes(data[8:24]) == bytes(self.Rm)
+                and data[24] == self.rolem and bytes(data[28:28 + data[27]]) == self.username):
+            # FreeIPMI retransmits RAKP 1 with a new message tag (so not byte-identical):
+            # answer with the same managed-system random number, under the new tag.
+            self.bmc.counts["retransmits"] += 1
+            self._send_setup_payload(
+                bytearray([clienttag]) + self._rakp2_body[1:], constants.payload_types["rakp2"])
+            return
         self.bmc.counts["sessions"] += 1
         if bytes(data[4:8]) != bytes(self.managedsessionid):
             self._rakp2_error(clienttag, RMCP_INVALID_SESSION_ID)
@@ -282,17 +317,23 @@ class SimSession(serversession.ServerSession):
         if self.kg is None:
             self.kg = self.kuid
         authcode = hmac.new(self.kuid, bytes(hmacdata), hashlib.sha1).digest()
-        self.send_payload(
-            bytearray([clienttag, 0, 0, 0]) + self.clientsessionid + self.Rc
-            + self.uuiddata + authcode,
-            constants.payload_types["rakp2"],
-            retry=False,
-        )
+        self._rakp2_body = (bytearray([clienttag, 0, 0, 0]) + self.clientsessionid + self.Rc
+                            + self.uuiddata + authcode)
+        self.send_payload(self._rakp2_body, constants.payload_types["rakp2"], retry=False)
 
     def _got_rakp3(self, data: Any) -> None:
         if not hasattr(self, "Rc"):
             return
         if data[1] != 0:  # the client did not like our RAKP 2 (wrong password)
+            return
+        if self.established:
+            # FreeIPMI retransmits RAKP 3 with a new message tag when RAKP 4 came late:
+            # answer again, as before the session was established (pyghmi's own code
+            # would now encrypt RAKP 4 and restart the sequence numbers).
+            if hmac.compare_digest(bytes(self._rakp3_code), bytes(data[8:])):
+                self.bmc.counts["retransmits"] += 1
+                self._send_setup_payload(
+                    bytearray([data[0]]) + self._rakp4_body[1:], constants.payload_types["rakp4"])
             return
         rm_rc = self.Rm + self.Rc
         hmacdata = (
@@ -316,6 +357,9 @@ class SimSession(serversession.ServerSession):
         self.localsid = struct.unpack("<I", self.managedsessionid)[0]
         self.ipmicallback = self.handle_client_request
         self.clientpriv = 2  # a session starts at USER level (IPMI 2.0 13.xx)
+        self._rakp3_code = bytes(data[8:])
+        self._rakp4_body = bytearray([data[0], 0, 0, 0]) + self.clientsessionid + hmac.new(
+            self.sik, bytes(self.Rm + self.managedsessionid + self.uuiddata), hashlib.sha1).digest()[:12]
         self._send_rakp4(data[0], 0)
         self.established = True
         # From now on only a retransmitted RAKP 3 is a retransmit: pyghmi's client starts
@@ -348,6 +392,14 @@ class SimSession(serversession.ServerSession):
 
     def handle_client_request(self, request: dict[str, Any]) -> None:
         netfn, command = request["netfn"], request["command"]
+        if self.closed:
+            # Only a Close Session resent (FreeIPMI: new sequence numbers) because our
+            # reply came late: answer it again, else the client waits out its whole
+            # session timeout. Anything else on a closed session is dropped.
+            if netfn == 6 and command == 0x3C:
+                self.bmc.counts["retransmits"] += 1
+                self.send_ipmi_response()
+            return
         if netfn == 6 and command == 0x3B:  # set session privilege level
             wanted = request["data"][0] & 0x0F if request["data"] else 0
             if wanted == 0:
@@ -414,6 +466,7 @@ class SimBmc(pyghmi_bmc.Bmc):
         self.serversocket = _Wire(self, self.sock)
         self.capture: list[bytes] | None = None
         self.sessions: dict[Any, SimSession] = {}
+        self.closed: dict[Any, tuple[SimSession, float]] = {}
         self.power = "on" if node.power == "on" else "off"
         self.boot: str | None = None
         self.boot_efi = False
@@ -565,8 +618,12 @@ class SimBmc(pyghmi_bmc.Bmc):
         return others >= self.shard.max_sessions
 
     def drop_session(self, clientaddr: Any, session: SimSession) -> None:
+        """Close ``session``; it lingers :data:`CLOSED_LINGER` seconds, answering only a
+        retransmitted Close Session."""
         if self.sessions.get(clientaddr) is session:
             del self.sessions[clientaddr]
+        session.closed = True
+        self.closed[clientaddr] = (session, time.monotonic())
 
     def open_sessions(self) -> int:
         return sum(1 for s in self.sessions.values() if s.established)
@@ -576,6 +633,9 @@ class SimBmc(pyghmi_bmc.Bmc):
             limit = self.shard.session_timeout if sess.established else PENDING_SESSION_TIMEOUT
             if now - sess.last_seen > limit:
                 del self.sessions[addr]
+        for addr, (_sess, closed_at) in list(self.closed.items()):
+            if now - closed_at > CLOSED_LINGER:
+                del self.closed[addr]
 
     def receive(self, data: bytes, addr: Any) -> None:
         """Route one datagram: sessionless, new session, handshake retransmit or session."""
@@ -592,6 +652,8 @@ class SimBmc(pyghmi_bmc.Bmc):
             return
         ptype = data[5] & 0x3F
         session = self.sessions.get(addr)
+        if session is None and ptype == 0 and addr in self.closed:
+            session = self.closed[addr][0]  # a retransmitted Close Session, maybe
         if ptype in HANDSHAKE_TYPES and session is not None:
             cached = session.handshake_replies.get(data)
             if cached is not None:
@@ -758,13 +820,25 @@ class SimBmc(pyghmi_bmc.Bmc):
 
 
 class Shard:
-    """Up to a few hundred BMCs on one epoll loop, plus the control API backend."""
+    """BMCs on one epoll loop (a few thousand fit), plus the control API backend.
+
+    ``latency`` (seconds) delays every reply of every BMC, ``jitter`` (seconds) spreads
+    it uniformly over ``latency ± jitter`` (never below zero); both default to 0. The
+    ``slow`` fault adds its own latency on top. Delayed replies wait on a timer heap, so a
+    BMC's latency never holds up another BMC's packets.
+    """
 
     def __init__(self, nodes: Iterable[SimNode], *, max_sessions: int = 16,
-                 session_timeout: float = 60.0, max_users: int = DEFAULT_MAX_USERS) -> None:
+                 session_timeout: float = 60.0, max_users: int = DEFAULT_MAX_USERS,
+                 latency: float = 0.0, jitter: float = 0.0, seed: int | None = None) -> None:
+        if latency < 0 or jitter < 0:
+            raise ValueError("latency and jitter must not be negative")
         self.max_sessions = max_sessions
         self.session_timeout = session_timeout
         self.max_users = max_users
+        self.latency = float(latency)
+        self.jitter = float(jitter)
+        self._random = random.Random(seed)
         self.lock = threading.Lock()
         self.epoll = select.epoll()
         self.bmcs: dict[str, SimBmc] = {}
@@ -779,8 +853,18 @@ class Shard:
 
     # -- wire ----------------------------------------------------------------------
 
+    def reply_delay(self, bmc: SimBmc) -> float:
+        """Seconds to hold a reply of ``bmc``: the fleet's latency with jitter, plus the
+        ``slow`` fault's latency (1 s when the fault gave none)."""
+        delay = self.latency
+        if self.jitter:
+            delay = max(0.0, delay + self._random.uniform(-self.jitter, self.jitter))
+        if bmc.fault == "slow":
+            delay += bmc.latency or 1.0
+        return delay
+
     def send(self, bmc: SimBmc, packet: bytes, addr: Any) -> None:
-        delay = (bmc.latency or 1.0) if bmc.fault == "slow" else 0.0
+        delay = self.reply_delay(bmc)
         if delay > 0:
             self._seq += 1
             heapq.heappush(self.timers, (time.monotonic() + delay, self._seq, bmc.sock, packet, addr))
@@ -821,18 +905,20 @@ class Shard:
                 if now >= next_sweep:
                     next_sweep = now + 1.0
                     for bmc in self.bmcs.values():
-                        if bmc.sessions:
+                        if bmc.sessions or bmc.closed:
                             bmc.expire_sessions(now)
             if parent_pid is not None and os.getppid() != parent_pid:
                 return
 
-    def _drain(self, bmc: SimBmc, limit: int = 64) -> None:
+    def _drain(self, bmc: SimBmc, limit: int = 1) -> None:
+        """Read up to ``limit`` datagrams of ``bmc``. One per readiness event is the
+        cheapest: a BMC rarely has two queued, epoll (level-triggered) reports the socket
+        again when it has, and reading until ``EAGAIN`` would cost a failing system call
+        and an exception per packet."""
         for _ in range(limit):
             try:
                 data, addr = bmc.sock.recvfrom(4096)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
+            except OSError:  # nothing queued (EAGAIN) or a stray ICMP error
                 return
             try:
                 bmc.receive(data, addr)
@@ -934,6 +1020,16 @@ class IpmiFleet:
         """The control API client of each shard."""
         return [shard.control for shard in self._shards]
 
+    @property
+    def control_urls(self) -> list[str]:
+        """The control API of each shard."""
+        return [shard.control.url for shard in self._shards]
+
+    @property
+    def pids(self) -> list[int]:
+        """The shard processes' ids."""
+        return [shard.proc.pid for shard in self._shards]
+
     def nodes(self) -> dict[str, dict[str, Any]]:
         """``GET /nodes`` of every shard, merged."""
         out: dict[str, dict[str, Any]] = {}
@@ -989,12 +1085,26 @@ def start_fleet(
     session_timeout: float = 60.0,
     max_users: int = DEFAULT_MAX_USERS,
     ready_timeout: float = 30.0,
+    latency: float = 0.0,
+    jitter: float = 0.0,
+    shards: int | None = None,
 ) -> IpmiFleet:
-    """Start ``nodes`` as simulated BMCs, ``shard_size`` per subprocess, and wait until
-    every shard answers its control API. Shards exit when the calling process dies.
+    """Start ``nodes`` as simulated BMCs, ``shard_size`` per subprocess (or split evenly
+    over ``shards`` subprocesses), and wait until every shard answers its control API.
+    Every reply waits ``latency`` ± ``jitter`` seconds (see :class:`Shard`). Shards exit
+    when the calling process dies.
 
-    Raises :class:`RuntimeError` (with the shard's log) if a shard fails to start.
+    Raises :class:`RuntimeError` (with the shard's log) if a shard fails to start, and
+    :class:`ValueError` for a bad size, latency or jitter.
     """
+    if latency < 0 or jitter < 0:
+        raise ValueError("latency and jitter must not be negative")
+    if shards is not None:
+        if shards < 1:
+            raise ValueError("shards must be at least 1")
+        shard_size = max(1, -(-len(nodes) // shards))
+    if shard_size < 1:
+        raise ValueError("shard_size must be at least 1")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     shards: list[_ShardProcess] = []
@@ -1011,6 +1121,8 @@ def start_fleet(
                 "max_sessions": max_sessions,
                 "session_timeout": session_timeout,
                 "max_users": max_users,
+                "latency": latency,
+                "jitter": jitter,
             }))
             spec.chmod(0o600)
             port = free_port()
@@ -1046,7 +1158,8 @@ def start_fleet(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Serve one shard of simulated IPMI BMCs.")
     parser.add_argument("--spec", required=True, type=Path,
-                        help='JSON {"nodes": [SimNode...], "max_sessions": N, "session_timeout": s}')
+                        help='JSON {"nodes": [SimNode...], "max_sessions": N, "session_timeout": s, '
+                             '"latency": s, "jitter": s}')
     parser.add_argument("--control-port", type=int, default=0,
                         help="TCP port of the control API on 127.0.0.1 (0: any, printed)")
     parser.add_argument("--parent-pipe", action="store_true",
@@ -1054,11 +1167,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     spec = json.loads(args.spec.read_text())
     nodes = [SimNode(**n) for n in spec["nodes"]]
+    raise_open_files(len(nodes) + 256)
     shard = Shard(nodes, max_sessions=int(spec.get("max_sessions", 16)),
                   session_timeout=float(spec.get("session_timeout", 60.0)),
-                  max_users=int(spec.get("max_users", DEFAULT_MAX_USERS)))
+                  max_users=int(spec.get("max_users", DEFAULT_MAX_USERS)),
+                  latency=float(spec.get("latency", 0.0)), jitter=float(spec.get("jitter", 0.0)))
     server, port = serve_control(shard, port=args.control_port)
-    print(f"ipmi shard: {len(nodes)} BMCs, control on 127.0.0.1:{port}", flush=True)
+    # Thousands of long-lived BMC objects: keep them out of the collector's way (a full
+    # collection would walk all of them), so that only per-packet garbage is tracked.
+    gc.collect()
+    gc.freeze()
+    print(f"ipmi shard: {len(nodes)} BMCs, latency {shard.latency:g} s ± {shard.jitter:g} s, "
+          f"control on 127.0.0.1:{port}", flush=True)
     try:
         shard.run(stop_fd=sys.stdin.fileno() if args.parent_pipe else None,
                   parent_pid=os.getppid())

@@ -26,12 +26,16 @@ middleware in front of the emulator, per BMC:
   ``garbage``: a malformed JSON body; ``powering``: ``PowerState`` reads ``PoweringOn``).
 
 It serves the control API of :mod:`tests.peers.common` on 127.0.0.1. Start it with
-:func:`start_fleet` (a subprocess that exits when its parent dies), or by hand::
+:func:`start_fleet` (subprocesses of at most ``shard_size`` BMCs each, default
+:data:`SHARD_SIZE`, that exit when their parent dies), or by hand::
 
     python -m tests.peers.redfish_sim --spec fleet.json --control-port 9100
 
 where ``fleet.json`` is ``{"nodes": [SimNode.to_json(), ...], "max_accounts": 16}`` (see
-:func:`make_nodes`).
+:func:`make_nodes`), plus optionally ``latency`` and ``jitter`` (seconds: every request is
+answered after ``latency`` ± ``jitter``, in its own thread, so it never holds up another
+BMC) and ``state_dir`` (the emulator's sqlite state). Every BMC of a process binds its own
+listening socket; one selector loop accepts on all of them.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import ipaddress
 import json
 import logging
 import os
+import random
 import secrets
 import selectors
 import subprocess
@@ -141,33 +146,16 @@ def make_nodes(
 # -- the parent's side -------------------------------------------------------------
 
 
-class RedfishFleet:
-    """A running simulator process and its control API."""
+class _Shard:
+    """One simulator process, its control API and the names of its BMCs."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], control_url: str, nodes: list[SimNode],
+    def __init__(self, proc: subprocess.Popen[bytes], control_url: str, names: list[str],
                  log_path: Path) -> None:
         self.proc = proc
         self.control_url = control_url
-        self.sim_nodes = list(nodes)
-        self.log_path = log_path
         self.control = PeerControl(control_url)
-
-    def nodes(self) -> dict[str, dict[str, Any]]:
-        """What the peer saw, per node: power, boot, counts, fault, latency (see common)."""
-        return self.control.nodes()
-
-    def node(self, name: str) -> dict[str, Any]:
-        return self.control.node(name)
-
-    def fault(self, name: str, fault: str, latency: float = 0) -> None:
-        self.control.fault(name, fault, latency)
-
-    def set_state(self, name: str, power: str) -> None:
-        self.control.set_state(name, power)
-
-    def reset(self) -> None:
-        """Zero every count (open sessions stay open and counted)."""
-        self.control.reset()
+        self.names = names
+        self.log_path = log_path
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -178,6 +166,67 @@ class RedfishFleet:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
 
+
+class RedfishFleet:
+    """Running simulator processes (one per shard of BMCs) and their control APIs.
+
+    ``proc``, ``control_url``, ``control`` and ``log_path`` are the first shard's (a fleet
+    of at most ``shard_size`` BMCs has only that one); :meth:`nodes` and the other
+    methods act on the whole fleet, routing each node to its shard.
+    """
+
+    def __init__(self, shards: list[_Shard], nodes: list[SimNode]) -> None:
+        if not shards:
+            raise ValueError("a fleet needs at least one shard")
+        self._shards = shards
+        self._owner = {name: shard for shard in shards for name in shard.names}
+        self.sim_nodes = list(nodes)
+        first = shards[0]
+        self.proc, self.control_url, self.control, self.log_path = (
+            first.proc, first.control_url, first.control, first.log_path)
+
+    @property
+    def control_urls(self) -> list[str]:
+        """The control API of every shard."""
+        return [shard.control_url for shard in self._shards]
+
+    @property
+    def pids(self) -> list[int]:
+        """The simulator processes' ids."""
+        return [shard.proc.pid for shard in self._shards]
+
+    def nodes(self) -> dict[str, dict[str, Any]]:
+        """What the peer saw, per node: power, boot, counts, fault, latency (see common)."""
+        out: dict[str, dict[str, Any]] = {}
+        for shard in self._shards:
+            out.update(shard.control.nodes())
+        return out
+
+    def node(self, name: str) -> dict[str, Any]:
+        return self._shard_of(name).control.node(name)
+
+    def fault(self, name: str, fault: str, latency: float = 0) -> None:
+        self._shard_of(name).control.fault(name, fault, latency)
+
+    def set_state(self, name: str, power: str) -> None:
+        self._shard_of(name).control.set_state(name, power)
+
+    def reset(self) -> None:
+        """Zero every count (open sessions stay open and counted)."""
+        for shard in self._shards:
+            shard.control.reset()
+
+    def stop(self) -> None:
+        for shard in self._shards:
+            if shard.proc.poll() is None:
+                shard.proc.terminate()
+        for shard in self._shards:
+            shard.stop()
+
+    def _shard_of(self, name: str) -> _Shard:
+        # an unknown name goes to the first shard, whose control API answers 404
+        return self._owner.get(name, self._shards[0])
+
     def __enter__(self) -> RedfishFleet:
         return self
 
@@ -185,42 +234,72 @@ class RedfishFleet:
         self.stop()
 
 
+SHARD_SIZE = 250
+"""BMCs per simulator process by default: sushy-tools' emulator spends ~10 ms of CPU on a
+GET of a system, so a fleet of hundreds is spread over processes (both cores)."""
+
+
 def start_fleet(nodes: list[SimNode], workdir: Path, timeout: float = 30.0, *,
-                max_accounts: int = MAX_ACCOUNTS) -> RedfishFleet:
-    """Start the simulator for ``nodes`` as a subprocess (it exits when this process dies)
-    and wait until every BMC and the control API answer. Raises ``RuntimeError``."""
+                max_accounts: int = MAX_ACCOUNTS, shard_size: int = SHARD_SIZE,
+                shards: int | None = None, latency: float = 0.0,
+                jitter: float = 0.0) -> RedfishFleet:
+    """Start the simulator for ``nodes``: ``shard_size`` BMCs per subprocess (or split evenly
+    over ``shards`` subprocesses); each exits when this process dies. Every request is
+    answered after ``latency`` ± ``jitter`` seconds (default 0), in its own thread. Waits
+    until every shard's BMCs and control API answer (``timeout`` seconds, more for big
+    fleets). Raises ``RuntimeError``, or ``ValueError`` for a bad size or latency."""
+    if latency < 0 or jitter < 0:
+        raise ValueError("latency and jitter must not be negative")
+    if shards is not None:
+        if shards < 1:
+            raise ValueError("shards must be at least 1")
+        shard_size = max(1, -(-len(nodes) // shards))
+    if shard_size < 1:
+        raise ValueError("shard_size must be at least 1")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    spec = workdir / "redfish-fleet.json"
-    spec.write_text(json.dumps({"nodes": [n.to_json() for n in nodes],
-                                "max_accounts": max_accounts}, indent=1))
-    spec.chmod(0o600)
-    port = free_port()
-    log_path = workdir / "redfish-sim.log"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO), env.get("PYTHONPATH")) if p)
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.peers.redfish_sim", "--spec", str(spec),
-             "--control-port", str(port), "--parent-pid", str(os.getpid())],
-            cwd=_REPO, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-        )
-    fleet = RedfishFleet(proc, f"http://127.0.0.1:{port}", nodes, log_path)
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"redfish simulator exited with {proc.returncode}: "
-                + log_path.read_text(errors="replace")[-2000:]
-            )
-        try:
-            fleet.control.nodes()
-            return fleet
-        except OSError:
-            if time.monotonic() > deadline:
-                fleet.stop()
-                raise RuntimeError("redfish simulator did not start in time") from None
-            time.sleep(0.1)
+    started: list[_Shard] = []
+    try:
+        for number, index in enumerate(range(0, max(len(nodes), 1), shard_size)):
+            chunk = nodes[index:index + shard_size]
+            suffix = "" if number == 0 else f"-{number}"
+            spec = workdir / f"redfish-fleet{suffix}.json"
+            state = workdir / f"redfish-state{suffix}"
+            spec.write_text(json.dumps({"nodes": [n.to_json() for n in chunk],
+                                        "max_accounts": max_accounts, "latency": latency,
+                                        "jitter": jitter, "state_dir": str(state)}, indent=1))
+            spec.chmod(0o600)
+            port = free_port()
+            log_path = workdir / f"redfish-sim{suffix}.log"
+            with open(log_path, "ab") as log:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "tests.peers.redfish_sim", "--spec", str(spec),
+                     "--control-port", str(port), "--parent-pid", str(os.getpid())],
+                    cwd=_REPO, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                )
+            started.append(_Shard(proc, f"http://127.0.0.1:{port}", [n.name for n in chunk], log_path))
+        deadline = time.monotonic() + timeout + len(nodes) * 0.01
+        for shard in started:
+            while True:
+                if shard.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"redfish simulator exited with {shard.proc.returncode}: "
+                        + shard.log_path.read_text(errors="replace")[-2000:]
+                    )
+                try:
+                    shard.control._call("GET", "/ping")
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("redfish simulator did not start in time") from None
+                    time.sleep(0.1)
+        return RedfishFleet(started, nodes)
+    except BaseException:
+        for shard in started:
+            shard.stop()
+        raise
 
 
 # -- the simulator process ---------------------------------------------------------
@@ -329,7 +408,8 @@ def _call(app: Callable[..., Any], environ: dict[str, Any]) -> tuple[str, list[t
 class Simulator:
     """The emulator, the libvirt test hypervisor and the BMCs; the control backend."""
 
-    def __init__(self, nodes: list[SimNode], max_accounts: int = MAX_ACCOUNTS) -> None:
+    def __init__(self, nodes: list[SimNode], max_accounts: int = MAX_ACCOUNTS, *,
+                 latency: float = 0.0, jitter: float = 0.0, state_dir: str | None = None) -> None:
         import libvirt
         from sushy_tools.emulator import main as emulator
 
@@ -342,6 +422,14 @@ class Simulator:
             SUSHY_EMULATOR_LIBVIRT_URI="test:///default",
             SUSHY_EMULATOR_FEATURE_SET="full",
         )
+        if state_dir:
+            # the emulator's sqlite state (indicators, virtual media) of this process only,
+            # not the machine-wide default under /tmp/sushy-emulator
+            self.app.config["SUSHY_EMULATOR_STATE_DIR"] = state_dir
+        if latency < 0 or jitter < 0:
+            raise ValueError("latency and jitter must not be negative")
+        self.latency, self.jitter = float(latency), float(jitter)
+        self._random = random.Random()
         self.lock = threading.Lock()
         self.bmcs: dict[str, Bmc] = {}
         for node in nodes:
@@ -453,6 +541,8 @@ class Simulator:
     def handle(self, bmc: Bmc, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
         path = "/" + environ.get("PATH_INFO", "").strip("/")
+        if self.latency or self.jitter:  # the fleet's latency (each request has its thread)
+            time.sleep(max(0.0, self.latency + self._random.uniform(-self.jitter, self.jitter)))
         fault = bmc.fault
         if fault == "no_answer":
             deadline = time.monotonic() + 300
@@ -798,7 +888,9 @@ def _watch_parent(parent_pid: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--spec", required=True, type=Path, help='JSON file: {"nodes": [SimNode, ...]}')
+    parser.add_argument("--spec", required=True, type=Path,
+                        help='JSON file: {"nodes": [SimNode, ...], "max_accounts": N, "latency": s, '
+                             '"jitter": s, "state_dir": DIR}')
     parser.add_argument("--control-port", type=int, default=0)
     parser.add_argument("--parent-pid", type=int, default=None,
                         help="exit when this process is no longer our parent (default: the parent)")
@@ -810,7 +902,10 @@ def main(argv: list[str] | None = None) -> int:
         common.FAULTS = (*common.FAULTS, *missing)  # type: ignore[assignment]
     spec = json.loads(args.spec.read_text())
     nodes = [SimNode(**n) for n in spec["nodes"]]
-    sim = Simulator(nodes, max_accounts=int(spec.get("max_accounts", MAX_ACCOUNTS)))
+    common.raise_open_files(len(nodes) + 512)  # a listening socket per BMC, a few per request
+    sim = Simulator(nodes, max_accounts=int(spec.get("max_accounts", MAX_ACCOUNTS)),
+                    latency=float(spec.get("latency", 0.0)), jitter=float(spec.get("jitter", 0.0)),
+                    state_dir=spec.get("state_dir"))
     serve_bmcs(sim)
     _server, port = serve_control(sim, port=args.control_port)
     print(f"redfish simulator: {len(nodes)} BMCs, control on http://127.0.0.1:{port}", flush=True)
