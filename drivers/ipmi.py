@@ -370,6 +370,15 @@ class IPMIDriver(PowerDriver):
         self._command: Any = None
         self._last_used = 0.0
 
+    lease_per_action = True
+    """One node per BMC: the policy holds the BMC's lease for a whole action."""
+
+    @property
+    def calls_bounded(self) -> bool:
+        """Calls on the shared RMCP+ client end within their timeout by themselves (no
+        watchdog thread needed); pyghmi's may not."""
+        return _LANPLUS["client"] is not None and type(self) is IPMIDriver
+
     def bmc_key(self) -> str:
         return f"ipmi:{self.settings.power_address}:{self.settings.power_port}"
 

@@ -162,6 +162,8 @@ class MoonshotDriver(IPMIDriver):
         super().__init__(settings, timeout=timeout)
         self.path = parse_hwaddress(self.settings.power_hwaddress)
 
+    lease_per_action = False  # many cartridge nodes share one Chassis Manager
+
     # bmc_key is IPMIDriver's: every cartridge node behind one Chassis Manager shares
     # its sessions, so they share one key (one call in flight per Chassis Manager).
 

@@ -239,7 +239,8 @@ def _run_action(obj: Ctx, action: str, nodeset: str, *, wait: bool, as_json: boo
     app = app_for(config)
 
     def missing(racks: Any) -> list[str]:
-        return racks_without_worker(app, racks, config.inspect_timeout)
+        return racks_without_worker(app, racks, config.inspect_timeout, obj.store.client,
+                                    config.key_prefix)
 
     def send(job_id: str, p: Plan) -> int:
         return send_plan(app, job_id, p)
@@ -305,7 +306,7 @@ def _wait(store: Store, job_id: str, total: int, timeout: float | None, show: bo
                 return True
             if deadline is not None and time.monotonic() > deadline:
                 return False
-            time.sleep(0.2)
+            time.sleep(0.05)
     finally:
         if bar_ctx is not None:
             bar_ctx.__exit__(None, None, None)

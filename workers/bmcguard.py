@@ -27,13 +27,14 @@ No Celery here. Clocks and sleeps are injectable.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -229,15 +230,22 @@ class BmcGuard:
         Raises the parked error (see :func:`parked_error`), :class:`BusyError` when the
         lease is not had within ``lease_wait`` or Redis cannot be reached, or whatever
         ``fn`` raises. A success clears the BMC's count of failures."""
+        with self.holding(bmc_key):
+            return fn()
+
+    @contextlib.contextmanager
+    def holding(self, bmc_key: str) -> Iterator[None]:
+        """Hold the BMC's lease for the block (renewed while it runs), unless the BMC is
+        parked: raises as :meth:`run`. A block that ends without an exception clears the
+        BMC's count of failures."""
         token = uuid.uuid4().hex if self.leasing else ""
         failures = self._take(bmc_key, token)
         if token:
             self._hold(bmc_key, token)
         ok = False
         try:
-            value = fn()
+            yield
             ok = True
-            return value
         finally:
             if token:
                 self._unhold(bmc_key)

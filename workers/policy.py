@@ -159,10 +159,34 @@ class NodeRunner:
         ``call_timeout`` for their own sockets; this catches libraries that ignore it."""
         return self.settings.call_timeout * 3
 
+    def _lease_per_action(self, driver: PowerDriver) -> bool:
+        """A lease held for a node's whole action: only for drivers whose BMC serves that
+        one node (``lease_per_action``); a BMC shared by many nodes (a vCenter, a chassis
+        manager) is leased per call, so its nodes' actions interleave."""
+        return (self.guard is not None and self.guard.leasing
+                and bool(getattr(driver, "lease_per_action", False))
+                and str(id(driver)) not in driver.bmc_key())
+
+    @property
+    def _action_leases(self) -> threading.local:
+        local = self.__dict__.get("_leases_local")
+        if local is None:
+            local = self.__dict__["_leases_local"] = threading.local()
+        return local
+
     def _bounded(self, driver: PowerDriver, fn: Callable[[], T], lock: threading.Lock) -> T:
         """Run ``fn`` under the BMC lock in a watchdog thread. A call that outlives
         :attr:`hard_limit` is reported as a timeout; it keeps the lock until it really
-        ends, so no other call reaches that BMC while it is stuck."""
+        ends, so no other call reaches that BMC while it is stuck. A driver whose calls
+        end by themselves within their timeout (``calls_bounded``) runs in this thread."""
+        if getattr(driver, "calls_bounded", False):
+            if not lock.acquire(timeout=self.hard_limit):
+                raise CallTimeoutError(
+                    f"{driver.power_type}: an earlier call to this device is still stuck")
+            try:
+                return fn()
+            finally:
+                lock.release()
         box: dict[str, Any] = {}
         done = threading.Event()
         settle = threading.Lock()  # makes "finished" and "abandoned" exclusive
@@ -219,7 +243,8 @@ class NodeRunner:
         key = driver.bmc_key()
         lock = self.locks.get(key)
         guard = self.guard if self.guard is not None and str(id(driver)) not in key else None
-        attempt_fn: Callable[[], T] = fn if guard is None else (lambda: guard.run(key, fn))
+        held = key in getattr(self._action_leases, "keys", ())  # this action holds the lease
+        attempt_fn: Callable[[], T] = fn if guard is None or held else (lambda: guard.run(key, fn))
         attempts = self.settings.max_attempts if retry else 1
         for attempt in range(1, attempts + 1):
             result.attempts += 1
@@ -296,7 +321,19 @@ class NodeRunner:
                 result.planned_at = gate.not_before
                 gate.wait_turn()
                 result.started = self.wall()
-            self._run(driver, Action(action), options, result, gate, on_act)
+            if self._lease_per_action(driver):
+                # One lease for the whole action (query, act, confirm): 2 Redis scripts per
+                # node instead of 2 per call, and no other job's call in between.
+                key = driver.bmc_key()
+                assert self.guard is not None
+                with self.guard.holding(key):
+                    self._action_leases.keys = {key}
+                    try:
+                        self._run(driver, Action(action), options, result, gate, on_act)
+                    finally:
+                        self._action_leases.keys = set()
+            else:
+                self._run(driver, Action(action), options, result, gate, on_act)
         except Cancelled:
             result.outcome = Outcome.SKIPPED
             result.note = "cancelled"
