@@ -892,10 +892,27 @@ class InventoryStore:
         pipe.hmget(self.enlisted_key, wanted)
         values, enlisted = pipe.execute()
         return {
-            n: self._with_enlisted(self._decode(n, raw), extra)
+            n: self._with_enlisted(self._decode_cached(n, raw), extra)
             for n, raw, extra in zip(wanted, values, enlisted, strict=True)
             if raw is not None
         }
+
+    _DECODED_MAX = 50_000
+
+    def _decode_cached(self, name: str, raw: Any) -> InventoryNode:
+        """:meth:`_decode`, remembered by the stored entry itself (issue 4): a worker reading
+        the same rack every poll decrypts and parses each node once, not every time. A
+        changed entry (new parameters, a re-encrypted secret) is a new key; the cache is
+        bounded and lives in this process' memory only, like the decoded node itself."""
+        cache: dict[tuple[str, Any], InventoryNode] = self.__dict__.setdefault("_decoded", {})
+        key = (name, raw)
+        node = cache.get(key)
+        if node is None:
+            node = self._decode(name, raw)
+            if len(cache) >= self._DECODED_MAX:
+                cache.clear()
+            cache[key] = node
+        return node
 
     def node_index(self) -> dict[str, NodeInfo]:
         """Every node's (rack, power_type, tags, pdu, priority), decrypting nothing: for

@@ -37,6 +37,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("powerq.fastpath")
 
+_targets: dict[str, tuple[Any, str, Any]] = {}
+"""node -> (its inventory record, bmc_key, Target): built once per inventory entry (the
+worker's inventory cache hands back the same record object while the entry is unchanged)."""
+
 _client: BlockingLanplus | None = None
 _client_lock = threading.Lock()
 
@@ -123,13 +127,20 @@ def run_queries(ctx: Any, names: list[str], records: dict[str, Any], worker: str
         if record is None or record.power_type != "ipmi":
             rest.append(name)
             continue
-        try:
-            settings = IPMISettings.model_validate(record.params)
-            target = target_of(settings)
-        except Exception:  # the per-node path reports bad settings with its own error
-            rest.append(name)
-            continue
-        key = f"ipmi:{settings.power_address}:{settings.power_port}"
+        known = _targets.get(name)
+        if known is not None and known[0] is record:  # same inventory entry as last time
+            key, target = known[1], known[2]
+        else:
+            try:
+                settings = IPMISettings.model_validate(record.params)
+                target = target_of(settings)
+            except Exception:  # the per-node path reports bad settings with its own error
+                rest.append(name)
+                continue
+            key = f"ipmi:{settings.power_address}:{settings.power_port}"
+            if len(_targets) >= 50_000:
+                _targets.clear()
+            _targets[name] = (record, key, target)
         if key in picked:  # two nodes behind one BMC: one call at a time, the slow way
             rest.append(name)
             continue

@@ -206,12 +206,20 @@ def _launch(workdir: Path, by_type: dict[str, list[SimNode]], options: dict[str,
     starters = {"ipmi": ipmi_bmc.start_fleet, "redfish": redfish_sim.start_fleet,
                 "virsh": libvirt_sim.start_fleet}
     # The power types start side by side (each waits for its own processes to be ready).
+    # libvirt's holder asks Linux to stop it when the *thread* that started it ends
+    # (PR_SET_PDEATHSIG follows the parent thread): it starts in this thread.
     failure: BaseException | None = None
     pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="sim-start")
     futures = {power_type: pool.submit(starters[power_type], nodes, workdir / power_type,
                                        **options.get(power_type, {}))
-               for power_type, nodes in by_type.items() if nodes}
+               for power_type, nodes in by_type.items() if nodes and power_type != "virsh"}
     try:
+        if by_type.get("virsh"):
+            try:
+                fleet.peers["virsh"] = starters["virsh"](by_type["virsh"], workdir / "virsh",
+                                                         **options.get("virsh", {}))
+            except Exception as exc:
+                failure = exc
         for power_type, future in futures.items():
             try:
                 fleet.peers[power_type] = future.result()
