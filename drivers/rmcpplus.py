@@ -86,7 +86,7 @@ class LanplusClient:
 
     def __init__(self, *, max_sessions: int = 20000, max_in_flight: int = 512,
                  timeout: float = 2.0, retries: int = 3, idle_timeout: float = 50.0,
-                 sockets: int = 4) -> None:
+                 sockets: int = 4, keepalive: float | None = 20.0) -> None:
         if max_sessions < 1 or max_in_flight < 1 or sockets < 1 or retries < 0 or timeout <= 0:
             raise SettingsError("ipmi: invalid client limits")
         self.max_sessions = max_sessions
@@ -95,6 +95,11 @@ class LanplusClient:
         self.retries = int(retries)
         self.idle_timeout = float(idle_timeout)
         self.socket_count = sockets
+        self.keepalive = keepalive if keepalive and keepalive > 0 else None
+        """Seconds a session may sit unused before a keep-alive (Get Device ID, as ipmitool
+        sends) is sent in it, so polls further apart than the BMC's session timeout (often
+        60 s) still find it open; None: no keep-alive (an idle session is replaced)."""
+        self._keeper: asyncio.Task[None] | None = None
         self._sessions: OrderedDict[Target, wire.SessionState] = OrderedDict()
         self._by_sid: dict[bytes, wire.SessionState] = {}
         self._per_host: dict[tuple[str, int], set[int]] = {}
@@ -105,7 +110,7 @@ class LanplusClient:
         self._closed = False
         self._stats = dict.fromkeys(
             ("logins", "requests", "round_trips", "retransmits", "timeouts", "relogins",
-             "ignored", "evictions", "login_failures"), 0)
+             "ignored", "evictions", "login_failures", "keepalives"), 0)
 
     def __repr__(self) -> str:
         return f"LanplusClient(sessions={len(self._sessions)}, max_in_flight={self.max_in_flight})"
@@ -160,6 +165,8 @@ class LanplusClient:
     async def close(self) -> None:
         """Close every open session, then the sockets. The client cannot be used after."""
         self._closed = True
+        if self._keeper is not None:
+            self._keeper.cancel()
         await asyncio.gather(*(self.logout(t) for t in list(self._sessions)))
         loop = self._loop
         for socks in self._socks.values():
@@ -196,7 +203,49 @@ class LanplusClient:
             raise RuntimeError("LanplusClient used from two event loops")
         if self._closed:
             raise RuntimeError("LanplusClient is closed")
+        if self.keepalive is not None and self._keeper is None:
+            self._keeper = loop.create_task(self._keep_alive())
         return loop
+
+    async def _keep_alive(self) -> None:
+        """Every ``keepalive / 4`` s, a Get Device ID in each established session unused
+        for ``keepalive`` s (and not in use now), so it never reaches the idle timeout of
+        either side. A session whose keep-alive gets no answer is dropped (the next call
+        logs in again); nothing here ever raises."""
+        assert self.keepalive is not None
+        period = max(0.05, self.keepalive / 4)
+        while not self._closed:
+            await asyncio.sleep(period)
+            loop = self._loop
+            if loop is None:
+                continue
+            now = loop.time()
+            due = [sess for sess in list(self._sessions.values())
+                   if sess.crypto is not None and not sess.lock.locked()
+                   and now - sess.last_used >= self.keepalive]
+            for sess in due:
+                loop.create_task(self._ping(sess))
+
+    async def _ping(self, sess: wire.SessionState) -> None:
+        if sess.lock.locked() or self._closed:
+            return
+        async with sess.lock:
+            if sess.crypto is None or self._sessions.get(sess.target) is not sess:
+                return
+            loop = self._loop
+            assert loop is not None
+            await self._slots.acquire(loop)
+            try:
+                await self._request(sess, 0x06, 0x01, b"", loop.time() + self.timeout * 2,
+                                    False, "keep-alive")
+                sess.last_used = loop.time()
+                self._stats["keepalives"] += 1
+            except _NoAnswer:
+                self._forget(sess)
+            except Exception:  # noqa: S110 - a refused keep-alive: the next call will tell
+                pass
+            finally:
+                self._slots.release()
 
     def _sockets(self, family: int) -> list[socket.socket]:
         socks = self._socks.get(family)

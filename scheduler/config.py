@@ -96,6 +96,10 @@ class Config:
     ipmi_fleet_in_flight: int = _opt(
         512, "RMCP+ client: most requests outstanding at once per worker process"
     )
+    ipmi_fleet_keepalive: float = _opt(
+        20.0, "RMCP+ client: seconds unused before a session gets a keep-alive (0: none; an idle "
+        "session is then replaced after 50 s)"
+    )
     ipmi_fleet_sessions: int = _opt(
         20000, "RMCP+ client: most BMC sessions a worker process keeps open (least used logged out)"
     )

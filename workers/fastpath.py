@@ -59,6 +59,7 @@ def fleet_client(config: Any) -> BlockingLanplus:
                 timeout=float(config.ipmi_fleet_timeout),
                 max_in_flight=int(config.ipmi_fleet_in_flight),
                 max_sessions=int(config.ipmi_fleet_sessions),
+                keepalive=float(config.ipmi_fleet_keepalive) or None,
             )
             atexit.register(close_fleet_client)
         return _client

@@ -287,6 +287,26 @@ def test_a_session_the_bmc_expired_is_replaced_transparently(tmp_path: Any) -> N
         assert (c["sessions"], c["query"]) == (2, 2)
 
 
+def test_keep_alive_holds_a_session_open_past_the_bmcs_idle_timeout(tmp_path: Any) -> None:
+    """Polls further apart than the BMC's session timeout still find the session: the
+    client sends Get Device ID in sessions unused for ``keepalive`` seconds."""
+    node = make_nodes(1, "ka", first_address=f"{BLOCK}.231", password=PASSWORD, prefix="rmcpka")[0]
+    with start_fleet([node], tmp_path, session_timeout=1.0) as short:
+        client = LanplusClient(timeout=0.5, retries=3, keepalive=0.3, idle_timeout=30)
+
+        async def go() -> dict[str, int]:
+            await client.query(target(node))
+            await asyncio.sleep(3.0)  # three of the peer's session timeouts
+            await client.query(target(node))
+            return client.stats()
+
+        stats = run(using(client, go()))
+        assert (stats["logins"], stats["relogins"], stats["timeouts"]) == (1, 0, 0), stats
+        assert stats["keepalives"] >= 3, stats
+        c = short.node(node.name)["counts"]
+        assert (c["sessions"], c["query"]) == (1, 2), c
+
+
 def test_an_idle_session_is_closed_and_replaced_on_next_use(fleet: IpmiFleet, nodes: list[SimNode]) -> None:
     node = nodes[10]
     client = LanplusClient(timeout=1.0, idle_timeout=0.3)
