@@ -30,7 +30,7 @@ chaos: $(STAMP)
 # repetitions: prints the tables, rewrites docs/benchmarks.md and docs/benchmarks.png.
 # A smoke run: $(PY) -m tests.bench.run --sizes 200 --reps 1 --out /tmp/bench
 bench: $(STAMP)
-	$(PY) -m tests.bench.run --sizes 1000,5000 --reps 3 --out docs
+	$(PY) -m tests.bench.run --sizes 1000,5000 --reps 3 --out docs --json docs/benchmarks.json
 
 demo: $(STAMP)
 	bash deploy/demo.sh
