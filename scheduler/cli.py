@@ -259,7 +259,7 @@ def _run_action(obj: Ctx, action: str, nodeset: str, *, wait: bool, as_json: boo
     job = obj.store.job(job_id) or {}
     results = obj.store.results(job_id)
     if as_json:
-        click.echo(json.dumps({"job": job, "results": list(results.values())}, indent=2))
+        click.echo(_json_out({"job": job, "results": list(results.values())}))
     else:
         _print_results(job, results)
     if not finished:
@@ -267,6 +267,12 @@ def _run_action(obj: Ctx, action: str, nodeset: str, *, wait: bool, as_json: boo
         sys.exit(EXIT_FAILED)
     if job.get("error"):
         sys.exit(EXIT_FAILED)
+
+
+def _json_out(body: Any) -> str:
+    """A job's results as JSON: indented on a terminal; one line for a pipe or a file (a
+    program reading it), which json's C encoder writes many times faster at fleet scale."""
+    return json.dumps(body, indent=2) if sys.stdout.isatty() else json.dumps(body)
 
 
 def _audited_run_action(obj: Ctx, action: str, nodeset: str, **kwargs: Any) -> None:
@@ -381,7 +387,7 @@ def job_show(obj: Ctx, job_id: str, as_json: bool) -> None:
         raise PlanError(f"no job {job_id!r} (jobs expire after {obj.config.result_ttl} s)")
     results = obj.store.results(job_id)
     if as_json:
-        click.echo(json.dumps({"job": record, "results": list(results.values())}, indent=2))
+        click.echo(_json_out({"job": record, "results": list(results.values())}))
         return
     click.echo(f"job {record['id']}: {record['action']} {record['nodeset']} by {record['requested_by']}, "
                f"status {record['status']}, {record['done']}/{record['total']} done")

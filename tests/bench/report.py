@@ -324,6 +324,9 @@ def profile_text(results: dict[str, Any]) -> str:
         f"{results['settings'].get('inspect_timeout', '?')} s).",
         "- *stored → CLI exit*: the CLI's wait loop noticing the job is done (it polls the job "
         "every 0.05 s) and printing every result as JSON.",
+        "- The benchmark compiles powerq's modules to bytecode before it starts (`python -m "
+        "compileall`), as an installed package has them; these machines set "
+        "`PYTHONDONTWRITEBYTECODE=1`, which would otherwise make every CLI start compile them.",
         f"- Network floor: the BMCs answer after {latency * 1000:g} ms and all of them side by side, "
         "so a read of the whole fleet needs at least one reply latency per round trip "
         f"({latency * 1000:g} ms warm: Get Chassis Status; a new RMCP+ session adds about four: "

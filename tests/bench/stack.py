@@ -301,6 +301,11 @@ class PowerqStack:
     def start(self) -> None:
         self.redis.start()
         self.env = powerq_env(self.redis.url, self.prefix, self.secret_key, **self.extra_env)
+        # An installed powerq has its bytecode; a checkout run with PYTHONDONTWRITEBYTECODE=1
+        # (as on these machines) would compile its own modules at every CLI start: once here.
+        subprocess.run([sys.executable, "-m", "compileall", "-q", "drivers", "workers", "scheduler"],
+                       cwd=ROOT, env={k: v for k, v in self.env.items() if k != "PYTHONDONTWRITEBYTECODE"},
+                       check=False, stdout=subprocess.DEVNULL)
         self.counter = QueueCounter(self.client)
 
     @property
