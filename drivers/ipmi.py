@@ -334,8 +334,6 @@ def _untangle_pyghmi_locks() -> None:
 # -- the shared RMCP+ client (issue 4) --------------------------------------------------------
 _LANPLUS: dict[str, Any] = {"client": None}
 
-LEAN_BOOT_DEVICES = {"pxe": "pxe", "disk": "disk", "cdrom": "cdrom", "bios": "bios"}
-
 
 def use_lanplus(client: Any | None) -> None:
     """Send :class:`IPMIDriver`'s power calls (on, off, cycle, query, next boot) through
@@ -345,8 +343,14 @@ def use_lanplus(client: Any | None) -> None:
     _LANPLUS["client"] = client
 
 
-def lanplus_client() -> Any | None:
-    return _LANPLUS["client"]
+def lean_target(s: IPMISettings) -> Any:
+    """The :class:`drivers.rmcpplus.Target` (the RMCP+ login) of a node's settings."""
+    from .rmcpplus import Target
+
+    k_g = secret_value(s.k_g) if s.k_g is not None else ""
+    return Target(host=s.power_address, port=int(s.power_port), username=s.power_user,
+                  password=secret_value(s.power_pass), kg=k_g or None,
+                  privilege=s.privilege_level, cipher_suite=int(s.cipher_suite_id))
 
 
 @register
@@ -470,13 +474,7 @@ class IPMIDriver(PowerDriver):
     def _lean(self, call: Callable[[Any, Any], Any]) -> Any:
         """Run ``call(client, target)`` on the shared RMCP+ client, bounded by the call
         timeout (the client retransmits inside it)."""
-        from .rmcpplus import Target
-
-        s = self.settings
-        k_g = secret_value(s.k_g) if s.k_g is not None else ""
-        target = Target(host=s.power_address, port=int(s.power_port), username=s.power_user,
-                        password=secret_value(s.power_pass), kg=k_g or None,
-                        privilege=s.privilege_level, cipher_suite=int(s.cipher_suite_id))
+        target = lean_target(self.settings)
         client = _LANPLUS["client"]
         return client.call(lambda c: call(c, target), timeout=self.timeout)
 
@@ -549,9 +547,9 @@ class IPMIDriver(PowerDriver):
         if name is None:
             raise UnsupportedError(f"ipmi cannot boot from {device}")
         uefi = efi or self.settings.power_boot_type == "efi"
-        lean_name = LEAN_BOOT_DEVICES.get(str(BootDevice(device)))
-        if _LANPLUS["client"] is not None and lean_name is not None:
-            self._lean(lambda c, t: c.set_boot_device(t, lean_name, efi=uefi, persistent=persistent))
+        if _LANPLUS["client"] is not None:  # every BootDevice is an RMCP+ boot device name
+            where = str(BootDevice(device))
+            self._lean(lambda c, t: c.set_boot_device(t, where, efi=uefi, persistent=persistent))
             return
 
         def _set(cmd: Any) -> None:

@@ -52,13 +52,12 @@ from .errors import (
     UnreachableError,
     UnsupportedError,
 )
-from .httpclient import quiet_insecure_warnings
+from .httpclient import base_url, quiet_insecure_warnings
 from .registry import register
 
 if TYPE_CHECKING:  # pragma: no cover
     from sushy.resources.system.system import System
 
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 _STATES: dict[str, PowerState] = {"On": PowerState.ON, "Off": PowerState.OFF}
 """Settled Redfish ``PowerState`` values. Everything else (PoweringOn, PoweringOff,
@@ -79,34 +78,11 @@ def parse_address(address: str) -> tuple[str, str]:
     ``/redfish/v1`` is dropped); the default scheme is https. The identity spells the port
     out, so ``bmc1`` and ``https://BMC1:443/`` are the same BMC. Raises ``ValueError``.
     """
-    text = address.strip()
-    if not text:
-        raise ValueError("power_address is empty")
-    if "://" not in text:
-        text = "https://" + text
-    parts = urlsplit(text)
-    scheme = parts.scheme.lower()
-    if scheme not in _DEFAULT_PORTS:
-        raise ValueError("power_address scheme must be http or https")
-    if parts.username or parts.password:
-        raise ValueError("power_address must not carry credentials: use power_user / power_pass")
-    if parts.query or parts.fragment:
-        raise ValueError("power_address must not have a query or fragment")
-    path = parts.path.rstrip("/")
+    url, identity = base_url(address, allow_path=True)
+    path = urlsplit(url).path
     if path not in ("", "/redfish/v1", "/redfish"):
-        raise ValueError("power_address may only have the path /redfish/v1")
-    host = parts.hostname
-    if not host or any(c.isspace() for c in host):
-        raise ValueError("power_address has no valid host")
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError("power_address has an invalid port") from None
-    host_in_url = f"[{host}]" if ":" in host else host
-    authority = host_in_url if port is None else f"{host_in_url}:{port}"
-    base_url = f"{scheme}://{authority}"
-    identity = f"{scheme}://{host_in_url}:{port or _DEFAULT_PORTS[scheme]}"
-    return base_url, identity
+        raise ValueError("the address may only have the path /redfish/v1")
+    return url.removesuffix(path), identity
 
 
 class RedfishSettings(DriverSettings):

@@ -126,7 +126,7 @@ class LanplusClient:
 
     async def query_many(self, targets: Sequence[Target]) -> list[str | PowerError]:
         """:meth:`query` of every target at once; errors returned in place, never raised."""
-        return list(await asyncio.gather(*(self._query_quiet(t) for t in targets)))
+        return list(await asyncio.gather(*(self.query_or_error(t) for t in targets)))
 
     async def chassis_control(self, target: Target, action: str) -> None:
         """Chassis Control: ``on``, ``off``, ``cycle``, ``reset``, ``soft`` (or ``diag``)."""
@@ -187,7 +187,8 @@ class LanplusClient:
 
     # -- calls -----------------------------------------------------------------------------
 
-    async def _query_quiet(self, target: Target) -> str | PowerError:
+    async def query_or_error(self, target: Target) -> str | PowerError:
+        """:meth:`query`, its error returned instead of raised (a bug too, as a DeviceError)."""
         try:
             return await self.query(target)
         except PowerError as exc:

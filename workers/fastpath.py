@@ -76,35 +76,15 @@ def close_fleet_client() -> None:
             log.debug("closing the RMCP+ client failed", exc_info=True)
 
 
-def target_of(settings: Any) -> Target:
-    """The RMCP+ login of an :class:`drivers.ipmi.IPMISettings`."""
-    from drivers.base import secret_value
-    from drivers.rmcpplus import Target
-
-    k_g = secret_value(settings.k_g) if settings.k_g is not None else ""
-    privilege = {"ADMIN": "ADMINISTRATOR"}.get(settings.privilege_level, settings.privilege_level)
-    return Target(host=settings.power_address, port=int(settings.power_port),
-                  username=settings.power_user, password=secret_value(settings.power_pass),
-                  kg=k_g or None, privilege=privilege, cipher_suite=int(settings.cipher_suite_id))
-
-
 async def _timed_reads(client: Any, targets: list[Target]) -> list[tuple[str | PowerError, float]]:
     """Every target's state (or its error) and how long its read took, in order."""
     import asyncio
-
-    from drivers.errors import DeviceError
 
     loop = asyncio.get_running_loop()
 
     async def one(target: Target) -> tuple[str | PowerError, float]:
         began = loop.time()
-        answer: str | PowerError
-        try:
-            answer = await client.query(target)
-        except PowerError as exc:
-            answer = exc
-        except Exception as exc:  # a client bug must not take the other nodes down
-            answer = DeviceError(f"ipmi {target.host}:{target.port}: internal error ({type(exc).__name__})")
+        answer = await client.query_or_error(target)
         return answer, loop.time() - began
 
     return list(await asyncio.gather(*(one(t) for t in targets)))
@@ -119,7 +99,7 @@ def run_queries(ctx: Any, names: list[str], records: dict[str, Any], worker: str
     """Read the IPMI nodes among ``names`` in one batch. Returns their results and the
     names left for the per-node path (other power types, bad settings, a BMC busy with
     another call, a batch that could not start)."""
-    from drivers.ipmi import IPMISettings
+    from drivers.ipmi import IPMISettings, lean_target
 
     picked: dict[str, tuple[str, Any]] = {}  # bmc_key -> (node, target)
     rest: list[str] = []
@@ -134,7 +114,7 @@ def run_queries(ctx: Any, names: list[str], records: dict[str, Any], worker: str
         else:
             try:
                 settings = IPMISettings.model_validate(record.params)
-                target = target_of(settings)
+                target = lean_target(settings)
             except Exception:  # the per-node path reports bad settings with its own error
                 rest.append(name)
                 continue
@@ -202,4 +182,4 @@ def run_queries(ctx: Any, names: list[str], records: dict[str, Any], worker: str
     return results, rest
 
 
-__all__ = ["close_fleet_client", "enabled", "fleet_client", "run_queries", "target_of"]
+__all__ = ["close_fleet_client", "enabled", "fleet_client", "run_queries"]
