@@ -33,6 +33,7 @@ import hashlib
 import ipaddress
 import re
 import struct
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
@@ -331,6 +332,48 @@ def _untangle_pyghmi_locks() -> None:
         pyghmi_session.KEEPALIVE_SESSIONS = pyghmi_session.WAITING_SESSIONS
 
 
+# -- pyghmi sessions shared between drivers ---------------------------------------------------
+# pyghmi hands every Command in a process that names the same BMC and credentials the same
+# Session object. Cartridge nodes behind one Moonshot Chassis Manager, or servers in one
+# SeaMicro chassis, each have a driver but share that session: one driver logging out when
+# its node is done would cut the others off in the middle of their calls ("Session no
+# longer connected", seen in CI). So the drivers holding a session are counted, and only
+# the last one to let go logs it out. A lock per BMC keeps a logout and a new login to the
+# same BMC from crossing (pyghmi would hand out the session being logged out); logins to
+# different BMCs never wait for each other.
+_SESSIONS_LOCK = threading.Lock()
+_SESSION_HOLDERS: dict[Any, int] = {}
+_BMC_LOCKS: dict[tuple[str, int], threading.Lock] = {}
+
+
+def _bmc_lock(address: str, port: int) -> threading.Lock:
+    with _SESSIONS_LOCK:
+        return _BMC_LOCKS.setdefault((address, port), threading.Lock())
+
+
+def _hold_session(session: Any) -> None:
+    with _SESSIONS_LOCK:
+        _SESSION_HOLDERS[session] = _SESSION_HOLDERS.get(session, 0) + 1
+
+
+def _release_session(session: Any) -> bool:
+    """Let go of ``session``; True when no driver holds it any more (the caller logs
+    it out)."""
+    with _SESSIONS_LOCK:
+        left = _SESSION_HOLDERS.get(session, 0) - 1
+        if left > 0:
+            _SESSION_HOLDERS[session] = left
+            return False
+        _SESSION_HOLDERS.pop(session, None)
+        return True
+
+
+def session_holders(session: Any) -> int:
+    """How many drivers in this process hold the pyghmi ``session`` (for tests)."""
+    with _SESSIONS_LOCK:
+        return _SESSION_HOLDERS.get(session, 0)
+
+
 # -- the shared RMCP+ client (issue 4) --------------------------------------------------------
 _LANPLUS: dict[str, Any] = {"client": None}
 
@@ -398,7 +441,7 @@ class IPMIDriver(PowerDriver):
             if fresh and not session.broken and session.logged:
                 return cmd
             self._command = None
-            self._logout(cmd)
+            self._drop(cmd)
         try:
             from pyghmi.ipmi import command as ipmi_command
 
@@ -408,20 +451,32 @@ class IPMIDriver(PowerDriver):
         s = self.settings
         k_g = secret_value(s.k_g)
         try:
-            cmd = ipmi_command.Command(
-                bmc=s.power_address,
-                userid=s.power_user.encode(),
-                password=secret_value(s.power_pass).encode(),
-                port=s.power_port,
-                kg=k_g.encode() if k_g else None,
-                privlevel=privlevel or PRIVILEGE_LEVELS[s.privilege_level],
-            )
+            # Under the BMC's lock, so that no other driver logs this BMC's shared session
+            # out between pyghmi handing it over and this driver counting itself in.
+            lock = _bmc_lock(s.power_address, s.power_port)
+            if not lock.acquire(timeout=3 * self.timeout):
+                raise CallTimeoutError(
+                    f"ipmi {self._where()}: login: another login to this BMC is still stuck")
+            try:
+                cmd = ipmi_command.Command(
+                    bmc=s.power_address,
+                    userid=s.power_user.encode(),
+                    password=secret_value(s.power_pass).encode(),
+                    port=s.power_port,
+                    kg=k_g.encode() if k_g else None,
+                    privlevel=privlevel or PRIVILEGE_LEVELS[s.privilege_level],
+                )
+                _hold_session(cmd.ipmi_session)
+            finally:
+                lock.release()
+        except PowerError:
+            raise
         except Exception as exc:
             raise classify_pyghmi_error(
                 exc, address=self._where(), action="login", logged_in=False
             ) from exc
         if s.cipher_suite_id == "17" and getattr(cmd.ipmi_session, "currhashlib", None) is not hashlib.sha256:
-            self._logout(cmd)
+            self._drop(cmd)
             raise UnsupportedError(
                 f"ipmi {self._where()}: login: the BMC does not offer cipher suite 17"
             )
@@ -439,10 +494,12 @@ class IPMIDriver(PowerDriver):
         except PowerError:
             if cmd.ipmi_session.broken:
                 self._command = None
+                self._drop(cmd)
             raise
         except Exception as exc:
             if cmd.ipmi_session.broken:
                 self._command = None
+                self._drop(cmd)
             raise classify_pyghmi_error(
                 exc, address=self._where(), action=action, logged_in=True
             ) from exc
@@ -619,13 +676,22 @@ class IPMIDriver(PowerDriver):
         """Log the session out. Never raises."""
         cmd, self._command = self._command, None
         if cmd is not None:
-            self._logout(cmd)
+            self._drop(cmd)
 
-    @staticmethod
-    def _logout(cmd: Any) -> None:
+    def _drop(self, cmd: Any) -> None:
+        """Let go of ``cmd``'s session, logging it out if no other driver in this
+        process holds it. Never raises."""
         try:
             session = cmd.ipmi_session
-            if not session.broken:
-                session.logout()
+            lock = _bmc_lock(self.settings.power_address, self.settings.power_port)
+            locked = lock.acquire(timeout=3 * self.timeout)
+            try:
+                # Without the lock (a login to this BMC is stuck) the session is let go
+                # of but not logged out: the BMC expires it.
+                if _release_session(session) and locked and not session.broken:
+                    session.logout()
+            finally:
+                if locked:
+                    lock.release()
         except Exception:  # noqa: S110 - close() never raises
             pass

@@ -116,6 +116,37 @@ def test_moonshot_power_cycle_query_boot(moonshot: ChassisPeer, which: int) -> N
     assert all(moonshot.node(n.name)["counts"]["on"] == 0 for n in others)
 
 
+def _open_sessions(peer: ChassisPeer) -> int:
+    return int(peer.node(peer.sim_nodes[0].name)["counts"]["open_sessions"])
+
+
+def test_moonshot_nodes_of_one_chassis_share_a_session(moonshot: ChassisPeer) -> None:
+    """pyghmi gives every driver of one Chassis Manager the same session: one node's
+    driver closing must not log out the session another node's driver is using (the CI
+    failure 'get chassis status: session lost'); the last one to close logs it out."""
+    import time
+
+    first, second, third = _clean(moonshot)[:3]
+    a, b, c = ms(first), ms(second), ms(third)
+    a.power_on()
+    assert b.query() is PowerState.OFF
+    assert a._command.ipmi_session is b._command.ipmi_session  # shared by pyghmi
+    a.close()
+    assert b._command.ipmi_session.logged, "closing one node's driver logged the chassis out"
+    assert _open_sessions(moonshot) == 1
+    b.power_on()  # on the session it already had
+    c.power_cycle()  # a third driver joins the same session
+    assert moonshot.node(second.name)["counts"]["on"] == 1
+    assert moonshot.node(third.name)["counts"]["on"] == 1
+    b.close()
+    assert _open_sessions(moonshot) == 1
+    c.close()
+    deadline = time.monotonic() + 5
+    while _open_sessions(moonshot) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _open_sessions(moonshot) == 0
+
+
 def test_moonshot_unknown_cartridge_is_not_found(moonshot: ChassisPeer) -> None:
     node = _clean(moonshot)[0]
     for hw in ("-B 0 -T 0x90 -b 7 -t 0x72", "-b 7 -t 0x7e"):
