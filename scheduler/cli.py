@@ -13,6 +13,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -632,8 +633,18 @@ def flower(obj: Ctx) -> None:
     config = obj.config
     auth = config.flower_basic_auth
     if not auth:
-        auth = f"admin:{pysecrets.token_urlsafe(12)}"
-        click.echo(f"Flower credentials: {auth}")
+        # Generated once and kept in a 0600 file beside the Fernet key: never printed, as
+        # this command's output usually ends up in a journal or a log file.
+        path = Path(os.path.expanduser(config.secret_key_file)).with_name("flower.auth")
+        if path.is_file():
+            auth = path.read_text().strip()
+        if not auth or ":" not in auth:
+            auth = f"admin:{pysecrets.token_urlsafe(12)}"
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(auth + "\n")
+        click.echo(f"Flower credentials (user:password): in {path}")
     click.echo(f"Flower on http://{config.flower_address}:{config.flower_port}/")
     # Credentials and the broker URL travel in the environment, not in argv (ps shows argv).
     env = dict(os.environ, FLOWER_BASIC_AUTH=auth, FLOWER_UNAUTHENTICATED_API="false")

@@ -18,7 +18,7 @@ def _opt(default: Any, help: str, *, secret: bool = False) -> Any:
     return field(default=default, metadata={"help": help, "secret": secret})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Config:
     # Connections
     redis_url: str = _opt(
@@ -275,6 +275,13 @@ class Config:
             url = getattr(self, name)
             if url and not url.startswith(("redis://", "rediss://", "unix://", "amqp://", "memory://")):
                 raise SettingsError(f"POWERQ_{name.upper()} has an unknown scheme: {_mask_url(url)}")
+
+    def __repr__(self) -> str:
+        """Every option with its secrets masked: a Config reaches Celery's ``inspect conf`` /
+        ``report`` (and so Flower), tracebacks and debug logs, which must never show them."""
+        shown = ", ".join(f"{var[len('POWERQ_'):].lower()}={value!r}"
+                          for var, value, _ in self.describe())
+        return f"Config({shown})"
 
     def describe(self) -> list[tuple[str, str, str]]:
         """(variable, value, help) for every option, secrets masked."""

@@ -142,8 +142,10 @@ def test_a_job_over_tls_with_a_password(
     tmp_path: Path, certs: dict[str, str], ipmi: tuple[ipmi_bmc.IpmiFleet, list[SimNode]]
 ) -> None:
     fleet, nodes = ipmi
+    flower_password = "flwr-Pa55-9q2z"
     fp = FullPath(tmp_path, redis_args=_tls_args(certs), POWERQ_REDIS_SSL_CA_CERTS=certs["ca"],
-                  POWERQ_REDIS_SSL_CERTFILE=certs["client"], POWERQ_REDIS_SSL_KEYFILE=certs["client_key"])
+                  POWERQ_REDIS_SSL_CERTFILE=certs["client"], POWERQ_REDIS_SSL_KEYFILE=certs["client_key"],
+                  POWERQ_FLOWER_BASIC_AUTH=f"ops:{flower_password}")
     url = f"rediss://:{PASSWORD}@127.0.0.1:{fp.redis.port}/0"
     fp.extra_env["POWERQ_REDIS_URL"] = url
     try:
@@ -174,8 +176,18 @@ def test_a_job_over_tls_with_a_password(
                                  cwd=ROOT, capture_output=True, text=True, timeout=60)
             assert out.returncode != 0, out.stdout
             errors.append(out.stdout + out.stderr)
-        seen = "".join([config.stdout, config.stderr, *errors, fp.worker_log(), json.dumps(job)])
-        assert PASSWORD not in seen
-        assert "tls-ipmi-Pa55" not in seen
+        # What a worker tells anyone who may inspect it (Flower's /api/workers asks for
+        # conf, stats and report): the Redis password, the Fernet key and Flower's own
+        # password were in `inspect conf` through powerq's Config until it masked them.
+        from workers.app import make_app
+
+        app = make_app(Config.from_env(fp.env))
+        inspect = app.control.inspect(timeout=5)
+        answers = [inspect.conf(), inspect.conf(with_defaults=True), inspect.report(), inspect.stats()]
+        assert all(answers) and "powerq_config" in json.dumps(answers[0])
+        seen = "".join([config.stdout, config.stderr, *errors, fp.worker_log(), json.dumps(job),
+                        json.dumps(answers, default=str)])
+        for secret in (PASSWORD, "tls-ipmi-Pa55", fp.secret_key, flower_password):
+            assert secret not in seen
     finally:
         fp.stop()

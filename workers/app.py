@@ -134,6 +134,33 @@ def make_app(config: Config) -> Celery:
     return app
 
 
+# --- what `inspect conf` shows (issue 5) -----------------------------------------------------
+def _censored_conf(state: Any, with_defaults: bool = False, **_: Any) -> Any:
+    """Celery's ``conf`` inspect command, censored. Celery's own sends ``app.conf.table()``
+    uncensored, so the broker URL's password reached every ``inspect conf`` caller, Flower's
+    ``/api/workers`` among them. This one masks what Celery's ``report`` masks (keys naming a
+    key, secret, password or token; broker and backend URLs) and shows powerq's Config by
+    its masked repr."""
+    from celery.app.utils import filter_hidden_settings
+    from celery.utils.saferepr import saferepr
+    from celery.utils.serialization import jsonify
+
+    table = filter_hidden_settings(state.app.conf.table(with_defaults=with_defaults))
+    return jsonify(table, keyfilter=lambda k: isinstance(k, str) and not k.startswith("__"),
+                   unknown_type_filter=saferepr)
+
+
+def _register_censored_conf() -> None:
+    from celery.utils.serialization import strtobool
+    from celery.worker.control import inspect_command
+
+    inspect_command(name="conf", alias="dump_conf", signature="[include_defaults=False]",
+                    args=[("with_defaults", strtobool)])(_censored_conf)
+
+
+_register_censored_conf()
+
+
 # --- logging setup (issue 7): Celery's own log lines go through scheduler/logs.py -----------
 _LOGGING = {"format": "text"}
 """The log format of the last app made: one config per process (worker, beat, API)."""
