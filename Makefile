@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml deploy/bootstrap.sh
 venv: $(STAMP)
 
 test: $(STAMP)
+	bash deploy/bootstrap.sh   # quick when all is installed: starts RabbitMQ if it is down
 	$(VENV)/bin/ruff check drivers workers scheduler tests
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -q -p no:cacheprovider

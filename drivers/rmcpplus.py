@@ -86,7 +86,8 @@ class LanplusClient:
 
     def __init__(self, *, max_sessions: int = 20000, max_in_flight: int = 512,
                  timeout: float = 2.0, retries: int = 3, idle_timeout: float = 50.0,
-                 sockets: int = 4, keepalive: float | None = 20.0) -> None:
+                 sockets: int = 4, keepalive: float | None = 20.0,
+                 linger: float | None = None) -> None:
         if max_sessions < 1 or max_in_flight < 1 or sockets < 1 or retries < 0 or timeout <= 0:
             raise SettingsError("ipmi: invalid client limits")
         self.max_sessions = max_sessions
@@ -99,6 +100,10 @@ class LanplusClient:
         """Seconds a session may sit unused before a keep-alive (Get Device ID, as ipmitool
         sends) is sent in it, so polls further apart than the BMC's session timeout (often
         60 s) still find it open; None: no keep-alive (an idle session is replaced)."""
+        self.linger = linger if linger and linger > 0 else None
+        """Seconds a session is kept without a call before it is logged out (Close Session),
+        so a worker holds a BMC's session only while it polls or drives it; None: kept
+        until evicted or the client closes."""
         self._keeper: asyncio.Task[None] | None = None
         self._sessions: OrderedDict[Target, wire.SessionState] = OrderedDict()
         self._by_sid: dict[bytes, wire.SessionState] = {}
@@ -110,7 +115,7 @@ class LanplusClient:
         self._closed = False
         self._stats = dict.fromkeys(
             ("logins", "requests", "round_trips", "retransmits", "timeouts", "relogins",
-             "ignored", "evictions", "login_failures", "keepalives"), 0)
+             "ignored", "evictions", "login_failures", "keepalives", "lingered"), 0)
 
     def __repr__(self) -> str:
         return f"LanplusClient(sessions={len(self._sessions)}, max_in_flight={self.max_in_flight})"
@@ -204,7 +209,7 @@ class LanplusClient:
             raise RuntimeError("LanplusClient used from two event loops")
         if self._closed:
             raise RuntimeError("LanplusClient is closed")
-        if self.keepalive is not None and self._keeper is None:
+        if (self.keepalive is not None or self.linger is not None) and self._keeper is None:
             self._keeper = loop.create_task(self._keep_alive())
         return loop
 
@@ -212,20 +217,23 @@ class LanplusClient:
         """Every ``keepalive / 4`` s, a Get Device ID in each established session unused
         for ``keepalive`` s (and not in use now), so it never reaches the idle timeout of
         either side. A session whose keep-alive gets no answer is dropped (the next call
-        logs in again); nothing here ever raises."""
-        assert self.keepalive is not None
-        period = max(0.05, self.keepalive / 4)
+        logs in again); one without a call for ``linger`` s is logged out instead. Nothing
+        here ever raises."""
+        period = max(0.05, min(x for x in (self.keepalive, self.linger) if x is not None) / 4)
         while not self._closed:
             await asyncio.sleep(period)
             loop = self._loop
             if loop is None:
                 continue
             now = loop.time()
-            due = [sess for sess in list(self._sessions.values())
-                   if sess.crypto is not None and not sess.lock.locked()
-                   and now - sess.last_used >= self.keepalive]
-            for sess in due:
-                loop.create_task(self._ping(sess))
+            for sess in list(self._sessions.values()):
+                if sess.crypto is None or sess.lock.locked():
+                    continue
+                if self.linger is not None and now - sess.last_call >= self.linger:
+                    self._stats["lingered"] += 1
+                    loop.create_task(self.logout(sess.target))
+                elif self.keepalive is not None and now - sess.last_used >= self.keepalive:
+                    loop.create_task(self._ping(sess))
 
     async def _ping(self, sess: wire.SessionState) -> None:
         if sess.lock.locked() or self._closed:
@@ -325,6 +333,7 @@ class LanplusClient:
                                         "set session privilege")
                     sess.priv = level
                 reply = await self._request(sess, netfn, cmd, data, deadline, fresh, action)
+                sess.last_call = loop.time()
             except _NoAnswer:
                 if fresh or relogged:
                     self._forget(sess)

@@ -456,7 +456,7 @@ class SessionState:
     """One BMC login of the client: its socket, keys, sequence numbers, pending exchange."""
 
     __slots__ = ("target", "where", "lock", "addr", "sock", "crypto", "console_sid", "priv",
-                 "seq", "rqseq", "tag", "last_used", "pending", "slot")
+                 "seq", "rqseq", "tag", "last_used", "last_call", "pending", "slot")
 
     def __init__(self, target: Target) -> None:
         self.target = target
@@ -471,6 +471,8 @@ class SessionState:
         self.rqseq = 0
         self.tag = 0
         self.last_used = 0.0
+        self.last_call = 0.0
+        """Loop time of the last call a user made in it (keep-alives left out)."""
         self.pending: Pending | None = None
         self.slot = 0
 

@@ -100,6 +100,10 @@ class Config:
         20.0, "RMCP+ client: seconds unused before a session gets a keep-alive (0: none; an idle "
         "session is then replaced after 50 s)"
     )
+    ipmi_fleet_linger: float = _opt(
+        300.0, "RMCP+ client: seconds a BMC session is kept without a power call or read before "
+        "it is logged out (0: kept until the worker stops)"
+    )
     ipmi_fleet_sessions: int = _opt(
         20000, "RMCP+ client: most BMC sessions a worker process keeps open (least used logged out)"
     )
@@ -267,6 +271,8 @@ class Config:
         if self.bmc_lease_ttl <= 0 or self.bmc_lease_wait < 0 or self.bmc_park_seconds <= 0:
             raise SettingsError("POWERQ_BMC_LEASE_TTL and POWERQ_BMC_PARK_SECONDS must be "
                                 "greater than 0, POWERQ_BMC_LEASE_WAIT at least 0")
+        if self.ipmi_fleet_linger < 0:
+            raise SettingsError("POWERQ_IPMI_FLEET_LINGER must be >= 0")
         if self.bmc_park_after < 0:
             raise SettingsError("POWERQ_BMC_PARK_AFTER must be >= 0")
         if self.busy_backoff_max < self.backoff_base:

@@ -58,7 +58,7 @@ METRICS: dict[str, str] = {
         "Age of the nodes' latest known power state: quantiles 0.5, 0.9, 0.99 and 1 (oldest)",
     "powerq_state_nodes": "Nodes with a known latest state",
     "powerq_inventory_nodes": "Nodes in the inventory, by rack",
-    "powerq_parked_bmcs": "BMCs parked in cool-down after repeated failures (issue 5; 0 until then)",
+    "powerq_parked_bmcs": "BMCs parked in cool-down after repeated failures, now",
     "powerq_redis_up": "1 when the last scrape could read Redis, else 0",
 }
 

@@ -60,6 +60,7 @@ def fleet_client(config: Any) -> BlockingLanplus:
                 max_in_flight=int(config.ipmi_fleet_in_flight),
                 max_sessions=int(config.ipmi_fleet_sessions),
                 keepalive=float(config.ipmi_fleet_keepalive) or None,
+                linger=float(config.ipmi_fleet_linger) or None,
             )
             atexit.register(close_fleet_client)
         return _client

@@ -307,6 +307,33 @@ def test_keep_alive_holds_a_session_open_past_the_bmcs_idle_timeout(tmp_path: An
         assert (c["sessions"], c["query"]) == (1, 2), c
 
 
+def test_a_session_without_calls_is_logged_out_after_linger(tmp_path: Any) -> None:
+    """A worker holds a BMC's session only while it uses it: keep-alives keep a session
+    open between polls, but one with no call for ``linger`` s gets Close Session."""
+    node = make_nodes(1, "lg", first_address=f"{BLOCK}.232", password=PASSWORD, prefix="rmcplg")[0]
+    with start_fleet([node], tmp_path) as peer:
+        client = LanplusClient(timeout=0.5, retries=3, keepalive=0.2, linger=1.0, idle_timeout=30)
+
+        async def go() -> tuple[dict[str, int], int, dict[str, int]]:
+            await client.query(target(node))
+            await asyncio.sleep(0.6)  # keep-alives, but not yet the linger
+            held = peer.node(node.name)["counts"]["open_sessions"]
+            await client.query(target(node))  # a call: the linger starts again
+            await asyncio.sleep(0.6)
+            mid = client.stats()
+            await asyncio.sleep(1.2)  # past the linger: logged out
+            return mid, held, client.stats()
+
+        mid, held, after = run(using(client, go()))
+        assert held == 1 and mid["sessions_open"] == 1 and mid["lingered"] == 0, mid
+        assert after["sessions_open"] == 0 and after["lingered"] == 1, after
+        assert after["logins"] == 1 and after["keepalives"] >= 1, after
+        deadline = time.monotonic() + 3
+        while peer.node(node.name)["counts"]["open_sessions"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert peer.node(node.name)["counts"]["open_sessions"] == 0
+
+
 def test_an_idle_session_is_closed_and_replaced_on_next_use(fleet: IpmiFleet, nodes: list[SimNode]) -> None:
     node = nodes[10]
     client = LanplusClient(timeout=1.0, idle_timeout=0.3)
