@@ -72,6 +72,29 @@ return 1
 """
 
 
+_JOURNAL = """
+local attempt = 1
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old then
+  local ok, entry = pcall(cjson.decode, old)
+  if ok and type(entry) == 'table' and tonumber(entry['attempt']) then
+    attempt = tonumber(entry['attempt']) + 1
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode({action = ARGV[2], attempt = attempt,
+  at = tonumber(ARGV[4]), worker = ARGV[3]}))
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
+return attempt
+"""
+
+_STARTED = """
+if redis.call('HGET', KEYS[1], 'status') == 'queued' then
+  redis.call('HSET', KEYS[1], 'status', 'running')
+end
+return 0
+"""
+
+
 class _NotOnAuth(Retry):
     """A refused password is not an outage: it fails at once."""
 
@@ -270,12 +293,12 @@ class Store:
 
     def journal_sent(self, job_id: str, node: str, action: str, worker: str) -> None:
         """Record, before it is sent, that ``action`` is going to a node: if the worker
-        dies now, a redelivered chunk knows the node's state is in doubt."""
-        key = self._journal(job_id)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hset(key, node, json.dumps({"action": action, "at": time.time(), "worker": worker}))
-        pipe.expire(key, self.result_ttl)
-        pipe.execute()
+        dies now, a redelivered chunk knows the node's state is in doubt. The entry is
+        (action, attempt, time, worker): ``attempt`` counts the calls that may change the
+        node sent in this job so far, this one included, across deliveries. The node's
+        result, written when its action ends, is the mark that it is done."""
+        self.client.eval(_JOURNAL, 1, self._journal(job_id), node, action, worker,
+                         repr(time.time()), self.result_ttl)
 
     def delivery_state(self, job_id: str, nodes: list[str]) -> tuple[set[str], dict[str, str]]:
         """(nodes already reported, {node acted on but not reported: the last phase
@@ -297,7 +320,31 @@ class Store:
         return done, doubt
 
     def chunk_started(self, job_id: str) -> None:
-        self.client.hset(self._job(job_id), "status", "running")
+        """A chunk began: a queued job is running (a failed or cancelling one stays so)."""
+        self.client.eval(_STARTED, 1, self._job(job_id))
+
+    # -- all of a job's chunks or none (issue 5: never a partial enqueue) --------------------
+    def mark_enqueued(self, job_id: str) -> None:
+        """Every chunk of the job is on the broker: its workers may act."""
+        self.client.hset(self._job(job_id), "enqueued", "1")
+
+    def fail_enqueue(self, job_id: str, failure: str) -> None:
+        """Queuing the job's chunks failed part-way: the job fails, and the chunks that did
+        reach the broker see its cancel flag and act on no node."""
+        pipe = self.client.pipeline()
+        pipe.hsetnx(self._job(job_id), "cancel", json.dumps({"at": time.time(), "by": "powerq",
+                                                             "reason": failure}))
+        pipe.hset(self._job(job_id), mapping={"status": "failed", "failure": failure,
+                                              "finished": time.time()})
+        pipe.execute()
+
+    def enqueue_state(self, job_id: str) -> str:
+        """'whole' (every chunk queued, or a job from before this check), 'pending' (the
+        submitter is still queuing) or 'failed' (it gave up: the job is cancelled)."""
+        enqueued, cancel = self.client.hmget(self._job(job_id), ["enqueued", "cancel"])
+        if cancel:
+            return "failed" if enqueued == "0" else "whole"
+        return "pending" if enqueued == "0" else "whole"
 
     def chunk_finished(self, job_id: str, chunk: int | None = None) -> bool:
         """Count one finished chunk (each chunk once, whatever its deliveries, when

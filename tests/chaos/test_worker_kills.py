@@ -200,6 +200,8 @@ def test_worker_kills_lose_and_repeat_nothing(stack: tuple[ChaosStack, Any]) -> 
         killer.join(30)
     assert not killer.errors, killer.errors
     assert killer.kills, "no worker was ever caught with nodes in flight: nothing was tested"
+    if LARGE:  # "again and again": several kills in each batch, not one lucky one
+        assert len(killer.kills) >= 3 * SIZE["batches"], killer.kills
 
     # The peers' counts: one off and one on per cycle, for every node.
     peers = fleet.nodes()

@@ -126,8 +126,10 @@ def test_an_in_doubt_power_off_that_never_took_effect_is_cycled_once_now(ctx: An
     store.journal_sent("j5", "m1", "cycle:off", "dead-worker")  # killed before the off left
     tasks.execute_chunk(ctx, "j5", "cycle", ["m1"], {"chunk": 0}, "w2")
     assert (LedgerDevice.calls[("m1", "off")], LedgerDevice.calls[("m1", "on")]) == (1, 1)
-    phase = json.loads(store.client.hget(f"{store.prefix}:job:j5:journal", "m1"))["action"]
-    assert phase == "cycle:on"  # the journal follows the phases
+    entry = json.loads(store.client.hget(f"{store.prefix}:job:j5:journal", "m1"))
+    assert entry["action"] == "cycle:on"  # the journal follows the phases
+    # (job, node, action, attempt): the dead worker's off, then this delivery's off and on
+    assert entry["attempt"] == 3 and entry["worker"] == "w2", entry
 
 
 def test_every_action_is_journaled_before_it_is_sent(ctx: Any) -> None:
@@ -137,6 +139,8 @@ def test_every_action_is_journaled_before_it_is_sent(ctx: Any) -> None:
     tasks.execute_chunk(ctx, "j3", "off", ["m1", "m2", "m3", "m4"], {"chunk": 0}, "w1")
     journal = store.client.hgetall(f"{store.prefix}:job:j3:journal")
     assert set(journal) == {"m1", "m3"}  # the two that were on; nothing sent to the others
+    assert all(json.loads(v)["attempt"] == 1 and json.loads(v)["action"] == "off"
+               for v in journal.values()), journal
     assert store.delivery_state("j3", ["m1", "m2", "m3", "m4"]) == ({"m1", "m2", "m3", "m4"}, {})
 
 
