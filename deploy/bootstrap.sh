@@ -7,6 +7,7 @@ packages=(
   python3-venv python3-dev gcc pkg-config   # virtual environment; libvirt-python builds from source
   libvirt-dev                               # libvirt-python's headers
   libvirt-daemon libvirt-clients            # libvirtd serving the test driver (simulated hypervisors)
+  sasl2-bin libsasl2-modules                # saslpasswd2 and DIGEST-MD5: the libvirt peer's password-checked TCP listener
   ipmitool freeipmi-tools                   # IPMI cross-check clients and benchmark references
   golang-go golang-github-vmware-govmomi-dev # vCenter simulator (tests/peers/vcsim), built offline
   chromium                                  # headless browser for the fleet page test (CDP)

@@ -27,6 +27,14 @@ name, auth-name) credential requests through ``virConnectOpenAuth``; this covers
 the libssh / libssh2 transports. Plain ``+ssh`` URIs run the ``ssh`` program, which needs a
 key: it never asks libvirt for a password.
 
+Errors, by libvirt error code (:data:`ERROR_CODES`): a refused password or SASL login is
+``VIR_ERR_AUTH_FAILED`` (``auth_failed``). libvirt has no "busy" reply: a libvirtd at its
+client limits (``max_clients``, ``max_anonymous_clients``, ``max_client_requests``) stops
+accepting or reading, so the call waits and ends as the worker's ``timeout``, and a domain
+whose state-change lock is held (qemu, not the test driver) answers
+``VIR_ERR_OPERATION_TIMEOUT`` after waiting (``timeout``). So this driver never reports
+``busy``.
+
 Per-call time limits are the worker policy's job: libvirt calls have no timeout of their
 own (libvirt's keepalive needs an event loop, which a worker does not run).
 """

@@ -43,6 +43,31 @@ def test_virsh_on_off_cycle_query_boot(fullpath: FullPath, hypervisor: LibvirtFl
     assert error_code(fullpath, "ghost") == "not_found"
 
 
+@pytest.mark.capability("virsh", "detailed_errors")
+def test_virsh_password_errors(fullpath: FullPath, hypervisor: LibvirtFleet) -> None:
+    """Through libvirtd's SASL-protected TCP listener: the right password works, a wrong
+    one is auth_failed, and so is the right one while the peer's auth fault holds.
+    libvirt has no busy reply to test (see tests/peers/libvirt_sim.py)."""
+    if hypervisor.tcp_uri is None:
+        pytest.fail("the fleet has no TCP listener: saslpasswd2 (sasl2-bin) is missing; "
+                    "make test installs it")
+    first, second = (n.name for n in hypervisor.sim_nodes[:2])
+    good = hypervisor.tcp_entry(first)
+    wrong = {**hypervisor.tcp_entry(second, "not-the-virsh-password"), "name": "virsh-wrongpw"}
+    fullpath.load([good, wrong])
+    hypervisor.set_state(first, "on")
+    job = fullpath.run("query", first)
+    assert job["by_node"][first]["outcome"] == "ok", job["by_node"][first]
+    assert job["by_node"][first]["state_after"] == "on"
+    assert error_code(fullpath, "virsh-wrongpw") == "auth_failed"
+    hypervisor.fault(first, "auth")
+    try:
+        assert error_code(fullpath, first) == "auth_failed"
+    finally:
+        hypervisor.fault(first, "none")
+    assert fullpath.run("query", first)["by_node"][first]["outcome"] == "ok"
+
+
 @pytest.mark.capability("virsh", "chassis_probe")
 def test_probe_writes_entries_that_load_and_work(fullpath: FullPath, hypervisor: LibvirtFleet,
                                                  tmp_path: Path) -> None:

@@ -101,7 +101,7 @@ def test_make_nodes_and_fleet_fill_in_the_uri(fleet: LibvirtFleet) -> None:
 def test_control_api_refuses_faults_it_cannot_inject(fleet: LibvirtFleet) -> None:
     control = PeerControl(fleet.control_url)
     control.fault(VM, "none")
-    for fault in ("no_answer", "slow", "auth", "busy"):
+    for fault in ("no_answer", "slow", "busy"):
         with pytest.raises(urllib.error.HTTPError) as info:
             control.fault(VM, fault, 1.0)
         assert info.value.code == 400
@@ -322,6 +322,82 @@ def test_password_is_passed_and_never_shown(fleet: LibvirtFleet, make_driver: Ca
     assert driver.settings.public_dict()["power_pass"] == "***"
     assert VirshSettings.secret_fields() == {"power_pass"}
     assert VirshSettings.node_fields() == {"power_id"}
+
+
+# -- passwords: libvirtd's TCP listener with SASL (DIGEST-MD5) authentication ----------------
+
+
+@pytest.fixture
+def tcp(fleet: LibvirtFleet) -> Iterator[Callable[..., VirshDriver]]:
+    """Drivers for :data:`VM` through the fleet's SASL-protected TCP listener;
+    ``password`` defaults to the right one."""
+    if fleet.tcp_uri is None:
+        pytest.fail("the fleet has no TCP listener: saslpasswd2 (sasl2-bin) is missing; "
+                    "make test installs it")
+    made: list[VirshDriver] = []
+
+    def make(password: str | None = None, name: str = VM) -> VirshDriver:
+        params = fleet.tcp_entry(name, password)["power_parameters"]
+        driver = VirshDriver(VirshDriver.validate(params))
+        made.append(driver)
+        return driver
+
+    yield make
+    for driver in made:
+        driver.close()
+
+
+def test_right_password_over_sasl_reaches_the_same_hypervisor(
+    fleet: LibvirtFleet, tcp: Callable[..., VirshDriver]
+) -> None:
+    assert fleet.tcp_uri is not None and fleet.tcp_uri.startswith("test+tcp://powerq@127.0.0.1:")
+    given(fleet, "off")
+    driver = tcp()
+    assert driver.query() is PowerState.OFF
+    driver.power_on()
+    assert fleet.node(VM)["power"] == "on"
+    assert sent(fleet) == {"on": 1}
+
+
+def test_wrong_password_is_auth_failed(fleet: LibvirtFleet, tcp: Callable[..., VirshDriver]) -> None:
+    given(fleet, "off")
+    wrong = "not-the-Virsh-pw-9"
+    with pytest.raises(AuthError) as info:
+        tcp(wrong).power_on()
+    assert info.value.code == "auth_failed"
+    assert not info.value.retryable
+    assert info.value.details["libvirt_code"] == "VIR_ERR_AUTH_FAILED"
+    assert wrong not in info.value.message and wrong not in repr(info.value.to_dict())
+    assert fleet.node(VM)["power"] == "off"
+    assert sent(fleet) == {}
+
+
+def test_no_password_where_sasl_asks_for_one_is_auth_failed(
+    fleet: LibvirtFleet, tcp: Callable[..., VirshDriver]
+) -> None:
+    assert fleet.tcp_uri is not None
+    with VirshDriver(VirshDriver.validate({"power_address": fleet.tcp_uri, "power_id": VM})) as driver:
+        with pytest.raises(AuthError) as info:
+            driver.query()
+    assert info.value.details["libvirt_code"] == "VIR_ERR_AUTH_FAILED"
+
+
+def test_auth_fault_refuses_the_right_password_until_cleared(
+    fleet: LibvirtFleet, tcp: Callable[..., VirshDriver]
+) -> None:
+    given(fleet, "on")
+    fleet.fault(VM, "auth")
+    try:
+        assert fleet.node(VM)["fault"] == "auth"
+        with pytest.raises(AuthError):
+            tcp().query()
+        with pytest.raises(AuthError):  # libvirt authenticates the hypervisor, not the domain
+            tcp(name=OTHER).query()
+        assert fleet.node(OTHER)["fault"] == "none"
+    finally:
+        fleet.fault(VM, "none")
+    assert fleet.node(VM)["fault"] == "none"
+    assert tcp().query() is PowerState.ON
 
 
 def _libvirt_error(code: str, domain: str = "VIR_FROM_TEST", message: str = "boom") -> Exception:

@@ -18,6 +18,18 @@ would each see a hypervisor of their own. This peer therefore runs a *holder* pr
   connection a private copy, so the fleet is defined into ``/default``;
 - serves the control API of :mod:`tests.peers.common`.
 
+Passwords. On the unix socket a session-mode libvirtd asks for none. So that a driver's
+``power_pass`` is really checked, libvirtd also listens on TCP on a free loopback port
+(``listen_tcp``, ``auth_tcp = "sasl"``) with Cyrus SASL's DIGEST-MD5 mechanism and a
+sasldb made with ``saslpasswd2`` (Debian's ``sasl2-bin``); libvirtd finds its SASL config
+through ``SASL_CONF_PATH``. The fleet's :attr:`LibvirtFleet.tcp_uri`
+(``test+tcp://powerq@127.0.0.1:PORT/default``, the same ``/default`` hypervisor) with
+:attr:`LibvirtFleet.sasl_password` as ``power_pass`` works; another password gets
+libvirt's own ``VIR_ERR_AUTH_FAILED``. DIGEST-MD5 because libvirt refuses SASL on plain
+TCP without a security layer of at least 56 bits, which SCRAM does not give ("no SASL
+mechanisms are available"). Without ``saslpasswd2`` the fleet has no TCP listener and
+``tcp_uri`` is ``None``.
+
 Counting. The test driver counts nothing, and its lifecycle events are no good for it:
 none is emitted for ``reset``, and events reach the holder asynchronously, after the
 client already has its reply. libvirtd is therefore started with a debug log of the public
@@ -42,8 +54,16 @@ The holder's own calls (``set_state``) are not counted. Power state is read with
 ``virConnectListAllDomains(ACTIVE)`` (active = ``on``), boot from the persistent
 definition's first ``<boot dev>`` (network → ``pxe``, hd → ``disk``, cdrom → ``cdrom``).
 
-Faults: libvirtd cannot be made to misbehave for one domain, so ``no_answer``, ``slow``,
-``auth`` and ``busy`` are refused with HTTP 400 (``none`` is accepted). ``set_state`` works.
+Faults: ``auth`` changes the SASL password in the sasldb (libvirtd reads it on every
+login), so every login on ``tcp_uri`` is refused until every node that asked for ``auth``
+is set back to ``none``: libvirt authenticates a connection, not a domain, so this fault
+holds for the whole hypervisor (``GET /nodes`` shows it on the nodes that asked). It
+needs the TCP listener (400 without one). libvirtd cannot be made to misbehave for one
+domain, so ``no_answer``, ``slow`` and ``busy`` are refused with HTTP 400. There is no
+honest ``busy``: libvirtd's client limits (``max_clients``, ``max_anonymous_clients``,
+``max_queued_clients``, ``max_client_requests``) make it stop accepting or reading, so a
+client waits without an error, and the test driver has no domain job lock, so libvirt's
+"cannot acquire state change lock" never happens on it. ``set_state`` works.
 
 The holder exits — stopping libvirtd and deleting its runtime directory — on SIGTERM /
 SIGINT, when its parent dies (``PR_SET_PDEATHSIG`` plus a parent-pid watch), or when
@@ -58,9 +78,11 @@ import io
 import json
 import os
 import re
+import secrets
 import selectors
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -79,6 +101,9 @@ URI_PLACEHOLDER = "test+unix:///default?socket=/nonexistent/filled-in-by-start_f
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LIBVIRTD = shutil.which("libvirtd", path="/usr/sbin:/usr/bin:/sbin:/bin") or "/usr/sbin/libvirtd"
+SASLPASSWD2 = shutil.which("saslpasswd2", path="/usr/sbin:/usr/bin:/sbin:/bin")
+SASL_USER = "powerq"
+"""The SASL user name of the fleet's TCP listener (in :attr:`LibvirtFleet.tcp_uri`)."""
 
 COUNT_KEYS = ("on", "off", "soft_off", "cycle", "reset", "boot", "query", "sessions", "open_sessions")
 _API_TO_KEY = {
@@ -232,6 +257,10 @@ class Holder:
         self.conn: Any = None
         self.log: ApiLog | None = None
         self.uri = ""
+        self.tcp_uri: str | None = None
+        self.sasl_password = secrets.token_urlsafe(12)
+        self._auth_faults: set[str] = set()
+        self._owner: tuple[int, int] | None = None  # (uid, gid) libvirtd runs as, when root
         self._lock = threading.RLock()
         self._baseline: dict[str, Counter[str]] = {}
         self._own: dict[str, Counter[str]] = {}
@@ -245,7 +274,11 @@ class Holder:
         self.rundir = Path(tempfile.mkdtemp(prefix="pqvirt-", dir=base))
         (self.workdir / "libvirt-rundir").write_text(str(self.rundir) + "\n")
         (self.workdir / "fleet.xml").write_text(fleet_xml(self.sim_nodes))
-        self._start_daemon()
+        self._owner = _unprivileged_ids() if os.geteuid() == 0 else None
+        if self._owner is not None:
+            os.chown(self.rundir, *self._owner)
+        if SASLPASSWD2 is not None:
+            self._setup_sasl()
         sock = self.rundir / "run" / "libvirt" / "libvirt-sock"
         self.uri = f"test+unix:///default?socket={sock}"
         self.log = ApiLog(self.rundir / "api.log")
@@ -255,22 +288,61 @@ class Holder:
         libvirt.virEventRegisterDefaultImpl()
         threading.Thread(target=self._event_loop, name="libvirt-events", daemon=True).start()
         deadline = time.monotonic() + timeout
-        while True:
-            if self.daemon is not None and self.daemon.poll() is not None:
+        for attempt in range(3):  # a free port taken by someone else before libvirtd binds it
+            port = _free_port() if SASLPASSWD2 is not None else None
+            self._start_daemon(port)
+            if self._wait_up(sock, port, deadline):
+                break
+            if attempt == 2 or port is None:
+                assert self.daemon is not None
                 raise RuntimeError(f"libvirtd exited with {self.daemon.returncode}; see {self.rundir}")
-            if sock.exists():
-                try:
-                    self.conn = libvirt.open(self.uri)
-                    break
-                except libvirt.libvirtError:
-                    pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("libvirtd did not come up")
-            time.sleep(0.05)
+        if port is not None:
+            self.tcp_uri = f"test+tcp://{SASL_USER}@127.0.0.1:{port}/default"
         self._define_fleet()
         self.reset_counts()
 
-    def _start_daemon(self) -> None:
+    def _wait_up(self, sock: Path, port: int | None, deadline: float) -> bool:
+        """Wait for libvirtd's unix socket (opening the holder's connection) and its TCP
+        port. False when libvirtd exited first; raises ``RuntimeError`` at ``deadline``."""
+        import libvirt
+
+        while True:
+            if self.daemon is not None and self.daemon.poll() is not None:
+                return False
+            if self.conn is None and sock.exists():
+                try:
+                    self.conn = libvirt.open(self.uri)
+                except libvirt.libvirtError:
+                    pass
+            if self.conn is not None and (port is None or _listening(port)):
+                return True
+            if time.monotonic() > deadline:
+                raise RuntimeError("libvirtd did not come up")
+            time.sleep(0.05)
+
+    def _setup_sasl(self) -> None:
+        """SASL config for libvirtd (DIGEST-MD5 over a sasldb) and the fleet's user."""
+        assert self.rundir is not None
+        sasl = self.rundir / "sasl"
+        sasl.mkdir()
+        (sasl / "libvirt.conf").write_text(f"mech_list: digest-md5\nsasldb_path: {sasl / 'passwd.db'}\n")
+        self._set_sasl_password(self.sasl_password)
+
+    def _set_sasl_password(self, password: str) -> None:
+        """Write ``password`` for :data:`SASL_USER` into the sasldb libvirtd reads."""
+        assert self.rundir is not None and SASLPASSWD2 is not None
+        sasl = self.rundir / "sasl"
+        subprocess.run(
+            [SASLPASSWD2, "-p", "-c", "-a", "libvirt", "-f", str(sasl / "passwd.db"), SASL_USER],
+            input=password.encode(), check=True, capture_output=True, timeout=30,
+        )
+        if self._owner is not None:
+            for path in (sasl, *sasl.iterdir()):
+                os.chown(path, *self._owner)
+
+    def _start_daemon(self, tcp_port: int | None) -> None:
+        """Start libvirtd; with ``tcp_port``, also listening on 127.0.0.1:``tcp_port``
+        with SASL authentication."""
         assert self.rundir is not None
         rundir = self.rundir
         env = {
@@ -282,21 +354,24 @@ class Holder:
             "LIBVIRT_LOG_FILTERS": "1:libvirt.domain",
             "LIBVIRT_LOG_OUTPUTS": f"1:file:{rundir / 'api.log'}",
         }
+        argv = [LIBVIRTD, "--timeout", "0"]
+        if tcp_port is not None:
+            conf = rundir / "libvirtd.conf"
+            conf.write_text(
+                "listen_tls = 0\nlisten_tcp = 1\n"
+                f'listen_addr = "127.0.0.1"\ntcp_port = "{tcp_port}"\nauth_tcp = "sasl"\n'
+            )
+            env["SASL_CONF_PATH"] = str(rundir / "sasl")
+            argv += ["--listen", "--config", str(conf)]
         kwargs: dict[str, Any] = {}
-        if os.geteuid() == 0:
-            import grp
-            import pwd
-
-            uid = pwd.getpwnam("nobody").pw_uid
-            gid = grp.getgrnam("nogroup").gr_gid if _has_group("nogroup") else pwd.getpwnam("nobody").pw_gid
-            os.chown(rundir, uid, gid)
-            kwargs = {"user": uid, "group": gid, "extra_groups": []}
-        out = open(self.workdir / "libvirtd.out", "wb")  # noqa: SIM115
+        if self._owner is not None:
+            kwargs = {"user": self._owner[0], "group": self._owner[1], "extra_groups": []}
+        out = open(self.workdir / "libvirtd.out", "ab")  # noqa: SIM115
         try:
             # PDEATHSIG is set after the uid change (which would clear it), so libvirtd
             # dies with the holder whatever happens to the holder.
             self.daemon = subprocess.Popen(
-                [LIBVIRTD, "--timeout", "0"],
+                argv,
                 env=env, cwd=str(rundir), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                 preexec_fn=_die_with_parent, **kwargs,
             )
@@ -370,7 +445,7 @@ class Holder:
                     "power": "on" if name in active else "off",
                     "boot": self._boot(name, got["boot"]),
                     "counts": counts,
-                    "fault": "none",
+                    "fault": "auth" if name in self._auth_faults else "none",
                     "latency": 0.0,
                 }
             return out
@@ -415,12 +490,25 @@ class Holder:
                 dom.destroy()
 
     def set_fault(self, name: str, fault: str, latency: float) -> None:
+        """``none``, or ``auth`` (hypervisor-wide, see the module docstring)."""
         self._lookup(name)
-        if fault != "none":
+        if fault == "auth" and self.tcp_uri is None:
+            raise UnsupportedFault("fault 'auth' needs the TCP listener, which needs saslpasswd2")
+        if fault not in ("none", "auth"):
             raise UnsupportedFault(
                 f"fault {fault!r} is not supported by the libvirt peer: libvirtd cannot be "
                 "made to misbehave for one domain"
             )
+        with self._lock:
+            before = bool(self._auth_faults)
+            if fault == "auth":
+                self._auth_faults.add(name)
+            else:
+                self._auth_faults.discard(name)
+            if bool(self._auth_faults) != before:
+                self._set_sasl_password(
+                    secrets.token_urlsafe(12) if self._auth_faults else self.sasl_password
+                )
 
     def reset_counts(self) -> None:
         with self._lock:
@@ -435,6 +523,31 @@ def _has_group(name: str) -> bool:
         grp.getgrnam(name)
         return True
     except KeyError:
+        return False
+
+
+def _unprivileged_ids() -> tuple[int, int]:
+    """(uid, gid) of ``nobody`` / ``nogroup``: who libvirtd runs as when the holder is root."""
+    import grp
+    import pwd
+
+    uid = pwd.getpwnam("nobody").pw_uid
+    gid = grp.getgrnam("nogroup").gr_gid if _has_group("nogroup") else pwd.getpwnam("nobody").pw_gid
+    return uid, gid
+
+
+def _free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
         return False
 
 
@@ -482,6 +595,8 @@ def holder_main(argv: list[str] | None = None) -> int:
         server, port = serve_libvirt_control(holder, args.control_port)
         ready = {
             "uri": holder.uri,
+            "tcp_uri": holder.tcp_uri,
+            "sasl_password": holder.sasl_password if holder.tcp_uri else None,
             "control_url": f"http://127.0.0.1:{port}",
             "pid": os.getpid(),
             "daemon_pid": holder.daemon.pid if holder.daemon is not None else None,
@@ -509,12 +624,18 @@ class LibvirtFleet:
     """A running holder process: its URI, its nodes and its control API."""
 
     def __init__(self, proc: subprocess.Popen[bytes], uri: str, control_url: str,
-                 sim_nodes: list[SimNode], workdir: Path, daemon_pid: int | None = None) -> None:
+                 sim_nodes: list[SimNode], workdir: Path, daemon_pid: int | None = None,
+                 tcp_uri: str | None = None, sasl_password: str | None = None) -> None:
         self.proc = proc
         self.daemon_pid = daemon_pid
         """libvirtd's pid (it runs as ``nobody``)."""
         self.uri = uri
-        """The ``test+unix://`` URI to put in ``power_address``."""
+        """The ``test+unix://`` URI to put in ``power_address`` (no password asked)."""
+        self.tcp_uri = tcp_uri
+        """``test+tcp://powerq@127.0.0.1:PORT/default``: the same hypervisor behind SASL
+        authentication (``None`` without ``saslpasswd2``)."""
+        self.sasl_password = sasl_password
+        """The ``power_pass`` that :attr:`tcp_uri` accepts."""
         self.control_url = control_url
         self.control = PeerControl(control_url)
         self.sim_nodes = sim_nodes
@@ -536,8 +657,20 @@ class LibvirtFleet:
         """Power a domain on or off behind the drivers' back (not counted)."""
         self.control.set_state(name, power)
 
+    def tcp_entry(self, name: str, password: str | None = None) -> dict[str, Any]:
+        """The inventory entry of ``name`` reached through :attr:`tcp_uri`, with
+        ``password`` (default: the right one) as ``power_pass``."""
+        assert self.tcp_uri is not None, "this fleet has no TCP listener (saslpasswd2 missing)"
+        entry = next(n.inventory_entry() for n in self.sim_nodes if n.name == name)
+        entry["power_parameters"].update(
+            power_address=self.tcp_uri,
+            power_pass=self.sasl_password if password is None else password,
+        )
+        return entry
+
     def fault(self, name: str, fault: str, latency: float = 0.0) -> None:
-        """Only ``"none"`` is supported: anything else raises ``urllib.error.HTTPError`` 400."""
+        """``"none"`` or ``"auth"`` (every login on :attr:`tcp_uri` refused until cleared);
+        anything else raises ``urllib.error.HTTPError`` 400."""
         self.control.fault(name, fault, latency)
 
     def reset(self) -> None:
@@ -608,7 +741,7 @@ def start_fleet(nodes: list[SimNode], workdir: Path, *, control_port: int = 0,
     for node in nodes:
         node.power_parameters["power_address"] = ready["uri"]
     fleet = LibvirtFleet(proc, ready["uri"], ready["control_url"], nodes, workdir,
-                         ready.get("daemon_pid"))
+                         ready.get("daemon_pid"), ready.get("tcp_uri"), ready.get("sasl_password"))
     fleet.control.wait_ready(timeout)
     return fleet
 
