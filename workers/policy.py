@@ -91,7 +91,8 @@ class NodeResult:
     planned_at: float | None = None
     """When the power-on timeline planned this node's start (epoch seconds), if it did."""
     power_on_at: float | None = None
-    """When the power-on was admitted within the budgets and sent (Redis clock)."""
+    """When the power-on was admitted within the budgets and sent (Redis clock); for a
+    retried power-on, the slot of the last attempt (each attempt takes its own slot)."""
 
     def to_dict(self) -> dict[str, Any]:
         # As dataclasses.asdict, without its recursive deep copy (a hot path at fleet scale).
@@ -114,6 +115,14 @@ class Gate(Protocol):
 
     def admit(self, *, cancellable: bool = True) -> float:
         """Take a start slot in every budget; return the start time."""
+
+    def readmit(self, attempt: int) -> float:
+        """Take another start slot for retry ``attempt`` (2, 3, ...) of a power-on whose
+        earlier attempt failed; earlier slots stay taken. Never cancelled (the earlier
+        attempt may have reached the node). Return the start time."""
+
+    def sent(self, attempt: int = 1) -> None:
+        """Attempt ``attempt``'s power-on call returned: count its start from now on."""
 
 
 class BmcLocks:
@@ -240,7 +249,9 @@ class NodeRunner:
     def call(
         self, driver: PowerDriver, fn: Callable[[], T], result: NodeResult, *, retry: bool = True
     ) -> T:
-        """Run one driver call under the BMC lock, retrying transient errors.
+        """Run one driver call under the BMC lock, retrying transient errors. Inside
+        :meth:`_power_on`, each retry first takes a new budget slot (after the backoff,
+        outside the BMC lock).
 
         Raises the last :class:`PowerError`; any other exception becomes a DeviceError.
         With a :attr:`guard`, each attempt also holds the BMC's lease (inside the process
@@ -253,6 +264,8 @@ class NodeRunner:
         held = key in getattr(self._action_leases, "keys", ())  # this action holds the lease
         attempt_fn: Callable[[], T] = fn if guard is None or held else (lambda: guard.run(key, fn))
         attempts = self.settings.max_attempts if retry else 1
+        before_retry: Callable[[int], None] | None = getattr(self._retry_hooks, "before", None)
+        self._retry_hooks.before = None  # for this call only, not the confirming queries
         for attempt in range(1, attempts + 1):
             result.attempts += 1
             began = self.clock()
@@ -273,6 +286,8 @@ class NodeRunner:
                         guard.failed(key, exc, result.node)
                     raise
                 self.sleep(self.backoff(attempt, busy=isinstance(exc, BusyError)))
+                if before_retry is not None:
+                    before_retry(attempt + 1)
             except PowerError:
                 raise
             except Exception as exc:  # a driver bug or untranslated library error
@@ -397,7 +412,7 @@ class NodeRunner:
             if gate is not None:
                 result.power_on_at = gate.admit()
             act("on")
-            self.call(driver, driver.power_on, result)
+            self._power_on(driver, result, gate)
             self._settle(driver, PowerState.ON, result)
         elif action is Action.OFF:
             if before is PowerState.OFF:
@@ -423,14 +438,14 @@ class NodeRunner:
                 if gate is not None:
                     result.power_on_at = gate.admit()
                 act("cycle:on")
-                self.call(driver, driver.power_on, result)
+                self._power_on(driver, result, gate)
                 result.note = "was off: powered on"
             elif self.settings.cycle_mode == "native":
                 if gate is not None:
                     result.power_on_at = gate.admit()
                 act("cycle:native")
                 # A native cycle is not idempotent: never retried blindly.
-                self.call(driver, driver.power_cycle, result, retry=False)
+                self._power_on(driver, result, gate, driver.power_cycle, retry=False)
             else:
                 act("cycle:off")
                 self.call(driver, lambda: driver.power_off(soft=soft), result)
@@ -439,10 +454,58 @@ class NodeRunner:
                     # Once off, the node comes back on: a cancel no longer stops it.
                     result.power_on_at = gate.admit(cancellable=False)
                 act("cycle:on")
-                self.call(driver, driver.power_on, result)
+                self._power_on(driver, result, gate)
             self._settle(driver, PowerState.ON, result)
         else:  # pragma: no cover - Action is exhaustive
             raise UnsupportedError(f"action {action}")
+
+    @property
+    def _retry_hooks(self) -> threading.local:
+        local = self.__dict__.get("_retry_local")
+        if local is None:
+            local = self.__dict__["_retry_local"] = threading.local()
+        return local
+
+    def _power_on(
+        self, driver: PowerDriver, result: NodeResult, gate: Gate | None,
+        send: Callable[[], None] | None = None, *, retry: bool = True,
+    ) -> None:
+        """Send a power-on (``send``, default ``driver.power_on``; its first slot already
+        taken), each retry in a new slot.
+
+        The first slot is taken right before the first attempt; a retry comes a backoff
+        (and maybe a whole call timeout) later, so sent on the first slot it could start
+        the node outside it and break the budget at the PDU. A retry therefore takes a
+        slot of its own, and the earlier one stays counted: the failed attempt may have
+        reached the node and started it (a lost reply). A native cycle is never retried
+        (``retry=False``), so its one slot is the one it used. (The hook reaches
+        :meth:`call` through a thread-local, so a subclass overriding ``call`` keeps it.)
+
+        Each attempt tells the gate when its call returned (``gate.sent``), even one the
+        watchdog gave up on, when it really ends: the budgets then count the start until
+        a window after the BMC may have executed it."""
+        fn = send or driver.power_on
+        if gate is None:
+            self.call(driver, fn, result, retry=retry)
+            return
+        taken = [1]  # the attempt whose slot the next call uses
+
+        def readmit(attempt: int) -> None:
+            result.power_on_at = gate.readmit(attempt)
+            taken[0] = attempt
+
+        def attempt() -> None:
+            number = taken[0]
+            try:
+                fn()
+            finally:
+                gate.sent(number)
+
+        self._retry_hooks.before = readmit
+        try:
+            self.call(driver, attempt, result, retry=retry)
+        finally:
+            self._retry_hooks.before = None
 
     def _settle(self, driver: PowerDriver, wanted: PowerState, result: NodeResult) -> None:
         if not driver.capabilities.power_query:

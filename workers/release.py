@@ -13,6 +13,18 @@ each node then goes through a :class:`Release`:
   count, and two jobs on the same PDU never add up to more than its budget. When a budget
   is full the script says how long until its oldest start leaves the window; the node
   waits that long and asks again. The admitted time is the node's recorded start time.
+- :meth:`Release.sent`, called when the power-on call returns (answered or failed),
+  moves the node's start in every budget to that instant. The BMC executed the power-on
+  somewhere between the slot and the return; counting it at the return keeps it in the
+  window as long as it may matter, so the budgets hold for the starts *at the BMCs*, not
+  only for the slots (a slot-to-BMC delay that varies by a few tens of milliseconds
+  would otherwise let starts planned one window apart land less than a window apart).
+  The price is each start's call time, added once per window along a chain of starts.
+  A call that takes longer than a window before it returns is the one gap: its slot
+  may leave the window before the call ends.
+- :meth:`Release.readmit`, called before each retry of a power-on, takes a further slot
+  (member ``<node>#<attempt>``), keeping the earlier one: a retry is sent later than its
+  first slot, and the failed attempt may have started the node anyway.
 
 The plan spreads the work; admission makes the budgets hold whatever happens (a slow
 query, a retry, another job on the same PDU).
@@ -59,6 +71,21 @@ for i, key in ipairs(KEYS) do
   redis.call('PEXPIRE', key, math.ceil(window * 2000) + 1000)
 end
 return {0, tostring(now)}
+"""
+
+# KEYS: the node's budget keys. ARGV: member, then the window of each key. Moves the
+# member's start to Redis's now (never earlier; re-added if it already left the window).
+_SENT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+for i, key in ipairs(KEYS) do
+  local score = redis.call('ZSCORE', key, ARGV[1])
+  if not score or tonumber(score) < now then
+    redis.call('ZADD', key, now, ARGV[1])
+    redis.call('PEXPIRE', key, math.ceil(tonumber(ARGV[1 + i]) * 2000) + 1000)
+  end
+end
+return tostring(now)
 """
 
 POLL = 0.25
@@ -117,6 +144,7 @@ class Admission:
         self.client = client
         self.prefix = prefix
         self._script = client.register_script(_ADMIT)
+        self._sent = client.register_script(_SENT)
 
     def now(self) -> float:
         """Redis's clock, in seconds since the epoch."""
@@ -137,6 +165,11 @@ class Admission:
             args += [slot.max_starts, repr(slot.window)]
         denied, value = self._script(keys=[s.key for s in slots], args=args)
         return (not int(denied)), float(value)
+
+    def mark_sent(self, slots: Sequence[BudgetSlot], member: str) -> float:
+        """Move ``member``'s start in every slot to now (Redis clock); returns now."""
+        return float(self._sent(keys=[s.key for s in slots],
+                                args=[member, *(repr(s.window) for s in slots)]))
 
 
 class Release:
@@ -182,10 +215,32 @@ class Release:
         """Wait for a start slot in every budget and take it. Returns the start time
         (Redis clock). With ``cancellable`` a cancel while waiting raises
         :class:`Cancelled`; a cycle's power-on after its power-off is never cancelled."""
+        return self._take(self.member, cancellable)
+
+    def readmit(self, attempt: int) -> float:
+        """Wait for and take another slot, for retry ``attempt`` of the power-on; the
+        slots taken before stay counted in their windows. Never cancelled. Returns the
+        start time (Redis clock)."""
+        return self._take(self._member(attempt), cancellable=False)
+
+    def sent(self, attempt: int = 1) -> None:
+        """The power-on call of ``attempt`` returned (answered or not): count its start at
+        this instant in every budget (see the module docstring). Never raises: when Redis
+        cannot be reached the start stays counted at its slot, and the power-on, which
+        did go out, is not reported as failed."""
+        try:
+            self.admission.mark_sent(self.slots, self._member(attempt))
+        except redis.RedisError:
+            pass
+
+    def _member(self, attempt: int) -> str:
+        return self.member if attempt <= 1 else f"{self.member}#{attempt}"
+
+    def _take(self, member: str, cancellable: bool) -> float:
         while True:
             if cancellable and self.cancel.check():
                 raise Cancelled()
-            ok, value = self.admission.try_admit(self.slots, self.member, self.not_before)
+            ok, value = self.admission.try_admit(self.slots, member, self.not_before)
             if ok:
                 self.admitted_at = value
                 return value

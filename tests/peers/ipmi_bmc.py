@@ -54,6 +54,12 @@ expired), plus ``established``, ``auth_failed``, ``refused`` (sessions or comman
 refused as busy), ``retransmits``, ``users`` (Set User Name / Access / Password
 requests accepted). Actions refused (busy, privilege) are not counted.
 
+Start times (``GET /nodes``, for power budgets): ``power_on_times``, ``cycle_times`` and
+``reset_times`` list the wall-clock time (``time.time()``, epoch seconds, this host's
+clock) at which the BMC executed each Chassis Control power on, power cycle and hard
+reset: one entry per ``on`` / ``cycle`` / ``reset`` count, a power on of a node already
+on included. Cleared with the counts.
+
 Faults (``POST /nodes/<name>/fault``): ``no_answer`` drops every packet; ``slow`` delays
 every reply by ``latency`` more seconds (default 1 s); ``auth`` refuses every login (RAKP 2
 status 0x0D, unauthorized name); ``busy`` refuses new sessions (RMCP+ status 0x01,
@@ -102,6 +108,9 @@ COUNT_KEYS = (
     "on", "off", "soft_off", "cycle", "reset", "boot", "query", "sessions",
     "established", "auth_failed", "refused", "retransmits", "users",
 )
+TIMED_KEYS = ("on", "cycle", "reset")
+"""Counts whose every occurrence also records when it was executed (``power_on_times``,
+``cycle_times``, ``reset_times`` in a node's snapshot)."""
 
 # RMCP+ status codes (IPMI 2.0 table 13-15)
 RMCP_INSUFFICIENT_RESOURCES = 0x01
@@ -475,6 +484,7 @@ class SimBmc(pyghmi_bmc.Bmc):
         self.fault = "none"
         self.latency = 0.0
         self.counts = dict.fromkeys(COUNT_KEYS, 0)
+        self.times: dict[str, list[float]] = {key: [] for key in TIMED_KEYS}
 
     # -- users ---------------------------------------------------------------------
 
@@ -750,13 +760,16 @@ class SimBmc(pyghmi_bmc.Bmc):
             self.power = "off"
         elif directive == 1:
             self.counts["on"] += 1
+            self.times["on"].append(time.time())
             if self.power == "off":
                 self.power = "on"
                 self._boot_now()
         elif directive in (2, 3):
             if self.power == "off":
                 return CC_NOT_IN_PRESENT_STATE
-            self.counts["cycle" if directive == 2 else "reset"] += 1
+            what = "cycle" if directive == 2 else "reset"
+            self.counts[what] += 1
+            self.times[what].append(time.time())
             self._boot_now()
         elif directive == 5:
             self.counts["soft_off"] += 1
@@ -810,6 +823,9 @@ class SimBmc(pyghmi_bmc.Bmc):
             "boot_persistent": self.boot_persistent,
             "booted_from": self.booted_from,
             "counts": counts,
+            "power_on_times": list(self.times["on"]),
+            "cycle_times": list(self.times["cycle"]),
+            "reset_times": list(self.times["reset"]),
             "fault": self.fault,
             "latency": self.latency,
             "address": self.address,
@@ -954,6 +970,7 @@ class Shard:
         with self.lock:
             for bmc in self.bmcs.values():
                 bmc.counts = dict.fromkeys(COUNT_KEYS, 0)
+                bmc.times = {key: [] for key in TIMED_KEYS}
 
 
 # -- fleet launcher -----------------------------------------------------------------
@@ -1047,7 +1064,7 @@ class IpmiFleet:
         self._owner[name].control.set_state(name, power)
 
     def reset(self) -> None:
-        """Zero every count (state and faults stay)."""
+        """Zero every count and clear the start times (state and faults stay)."""
         for shard in self._shards:
             shard.control.reset()
 

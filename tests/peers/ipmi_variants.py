@@ -90,6 +90,7 @@ class Target(ipmi_bmc.SimBmc):
         self.fault = "none"
         self.latency = 0.0
         self.counts = dict.fromkeys(ipmi_bmc.COUNT_KEYS, 0)
+        self.times: dict[str, list[float]] = {key: [] for key in ipmi_bmc.TIMED_KEYS}
 
     def snapshot(self) -> dict[str, Any]:
         counts = dict(self.counts)
@@ -260,8 +261,10 @@ class ChassisShard(ipmi_bmc.Shard):
         with self.lock:
             for target in self.targets.values():
                 target.counts = dict.fromkeys(ipmi_bmc.COUNT_KEYS, 0)
+                target.times = {key: [] for key in ipmi_bmc.TIMED_KEYS}
             for bmc in self.bmcs.values():
                 bmc.counts = dict.fromkeys(ipmi_bmc.COUNT_KEYS, 0)
+                bmc.times = {key: [] for key in ipmi_bmc.TIMED_KEYS}
 
 
 class ChassisPeer:

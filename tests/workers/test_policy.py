@@ -236,6 +236,7 @@ class RecordingGate:
         self.not_before = 123.0
         self.cancel_at = cancel_at
         self.asked: list[tuple[str, int, bool]] = []  # (what, driver calls so far, cancellable)
+        self.returned: list[tuple[int, int]] = []
 
     def wait_turn(self) -> None:
         self.asked.append(("turn", len(self.dev.calls), True))
@@ -247,6 +248,13 @@ class RecordingGate:
         if self.cancel_at == "admit" and cancellable:
             raise Cancelled()
         return 200.0 + len(self.asked)
+
+    def readmit(self, attempt: int) -> float:
+        self.asked.append((f"readmit {attempt}", len(self.dev.calls), False))
+        return 200.0 + len(self.asked)
+
+    def sent(self, attempt: int = 1) -> None:
+        self.returned.append((attempt, len(self.dev.calls)))  # (attempt, driver calls so far)
 
 
 def test_gate_holds_the_node_before_anything_is_sent_and_admits_right_before_on() -> None:
@@ -296,3 +304,54 @@ def test_native_cycle_takes_its_slot_before_the_cycle() -> None:
     result = runner(FakeClock(), cycle_mode="native").run("n1", dev, "cycle", {}, gate=gate)
     assert result.outcome == "ok"
     assert gate.asked[-1] == ("admit", 1, True) and dev.calls[1] == "cycle"
+    assert gate.returned == [(1, 2)]
+
+
+@pytest.mark.parametrize(("action", "state", "calls_before_on"), [
+    ("on", PowerState.OFF, 1), ("cycle", PowerState.OFF, 1), ("cycle", PowerState.ON, 3)])
+def test_a_retried_power_on_takes_a_new_slot_before_each_retry(
+    action: str, state: PowerState, calls_before_on: int,
+) -> None:
+    # A retry goes out a backoff after its first slot: sent on that slot it could start
+    # the node outside it (workers/policy.py, NodeRunner._readmit).
+    dev = ScriptedDevice(state)
+    dev.faults["on"] = [UnreachableError(), UnreachableError()]
+    gate = RecordingGate(dev)
+    result = runner(FakeClock(), max_attempts=3).run("n1", dev, action, {}, gate=gate)
+    assert result.outcome == "ok", result.error
+    n = calls_before_on
+    assert gate.asked[1:] == [("admit", n, action == "on" or state is PowerState.OFF),
+                              ("readmit 2", n + 1, False), ("readmit 3", n + 2, False)]
+    assert dev.calls.count("on") == 3
+    assert result.power_on_at == 204.0  # the slot of the attempt that went through
+    # each attempt's start is counted from when its call returned, in its own slot
+    assert gate.returned == [(1, n + 1), (2, n + 2), (3, n + 3)]
+
+
+def test_a_power_on_that_is_not_retried_takes_one_slot() -> None:
+    dev = ScriptedDevice(PowerState.OFF)
+    dev.faults["on"] = [AuthError("refused")]
+    gate = RecordingGate(dev)
+    result = runner(FakeClock(), max_attempts=3).run("n1", dev, "on", {}, gate=gate)
+    assert result.outcome == "error"
+    assert [a[0] for a in gate.asked] == ["turn", "admit"]
+    assert gate.returned == [(1, 2)]  # it failed, but may have reached the node
+
+
+def test_a_runner_that_overrides_call_still_retakes_a_slot_per_retry() -> None:
+    # The worker's runner wraps call() (metrics) with the base signature: the retry hook
+    # reaches NodeRunner.call all the same.
+    class Wrapping(NodeRunner):
+        def call(self, driver, fn, result, *, retry=True):  # type: ignore[no-untyped-def]
+            return super().call(driver, fn, result, retry=retry)
+
+    clock = FakeClock()
+    base = runner(clock, max_attempts=2)
+    wrapping = Wrapping(base.settings, locks=BmcLocks(), sleep=clock.sleep, clock=clock, wall=clock,
+                        rng=lambda: 1.0)
+    dev = ScriptedDevice(PowerState.OFF)
+    dev.faults["on"] = [UnreachableError()]
+    gate = RecordingGate(dev)
+    assert wrapping.run("n1", dev, "on", {}, gate=gate).outcome == "ok"
+    assert [a[0] for a in gate.asked] == ["turn", "admit", "readmit 2"]
+    assert dev.calls == ["query", "on", "on", "query"]

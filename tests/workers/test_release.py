@@ -97,3 +97,37 @@ def test_admit_waits_for_room_and_records_the_start(admission: Admission, prefix
     a = first.admit()
     b = second.admit(cancellable=False)
     assert b - a >= 0.5 and second.admitted_at == b
+
+
+def test_readmit_takes_a_further_slot_and_keeps_the_earlier_one(
+    admission: Admission, prefix: str, redis_client: redis.Redis,
+) -> None:
+    # A retried power-on: its first attempt may have started the node, so that slot stays
+    # counted, and the retry waits for a slot of its own within the budget.
+    slot = BudgetSlot(f"{prefix}:budget:pdu:d", 2, 0.5)
+    watch = CancelWatch(redis_client, None)
+    gate = Release(admission, [slot], "n1", 0.0, watch)
+    first = gate.admit()
+    again = gate.readmit(2)
+    assert redis_client.zcard(slot.key) == 2
+    third = gate.readmit(3)  # the window holds two starts: wait until the first leaves it
+    assert third - first >= 0.5 and again >= first and gate.admitted_at == third
+
+
+def test_a_start_counts_from_when_its_call_returned(
+    admission: Admission, prefix: str, redis_client: redis.Redis,
+) -> None:
+    # The BMC ran the power-on somewhere between the slot and the call's return: the next
+    # start in the budget waits a window from the return, so it is a window apart at the BMCs.
+    slot = BudgetSlot(f"{prefix}:budget:pdu:e", 1, 0.4)
+    watch = CancelWatch(redis_client, None)
+    first = Release(admission, [slot], "n1", 0.0, watch)
+    admitted = first.admit()
+    time.sleep(0.2)  # the call to the BMC
+    first.sent()
+    returned = float(redis_client.zscore(slot.key, "n1"))  # type: ignore[arg-type]
+    assert returned - admitted >= 0.2
+    second = Release(admission, [slot], "n2", 0.0, watch).admit(cancellable=False)
+    assert second - returned >= 0.4
+    first.sent(2)  # a retry's slot that already left the window is counted again
+    assert redis_client.zscore(slot.key, "n1#2") is not None
