@@ -282,11 +282,13 @@ def submit(
                 "POWERQ_VISIBILITY_TIMEOUT, loosen the budgets, or power on fewer nodes at a time"
             )
     job_id = new_job_id()
-    extra: dict[str, Any] = {}
+    # "enqueued" 0 until every chunk is on the broker: a worker holds a chunk until then, and
+    # acts on none of its nodes if queuing fails part-way (never a partial enqueue).
+    extra: dict[str, Any] = {"enqueued": "0"}
     if plan.timeline is not None:
         plan.origin = store.now() + lead
-        extra = {"origin": plan.origin, "makespan": plan.timeline.makespan,
-                 "lower_bound": plan.timeline.lower_bound}
+        extra.update(origin=plan.origin, makespan=plan.timeline.makespan,
+                     lower_bound=plan.timeline.lower_bound)
     store.create_job(
         job_id,
         action=plan.action,
@@ -300,7 +302,8 @@ def submit(
     audit.record_request(store, job_id, plan, requested_by)  # audit (issue 5)
     try:
         send(job_id, plan)
-    except Exception as exc:
-        store.mark_job(job_id, "failed", failure=f"could not queue: {type(exc).__name__}")
+    except BaseException as exc:  # a broker error, or Ctrl-C half-way through
+        store.fail_enqueue(job_id, f"could not queue: {type(exc).__name__}")
         raise
+    store.mark_enqueued(job_id)
     return job_id

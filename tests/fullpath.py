@@ -162,10 +162,16 @@ def exercise(
         assert not any(_counts(peers, name).get(a) for a in ACTIONS), (name, peers[name])
 
     set_state(names[0], "off")
+    reset_counts()
     job = fp.run("query", nodeset)
+    peers = peer_nodes()
     for name in names:
         want = "off" if name == names[0] else "on"
         assert job["by_node"][name]["state_after"] == want, (name, job["by_node"][name])
+        counts = _counts(peers, name)
+        assert not any(counts.get(a) for a in ACTIONS), (name, counts)  # a query acts on nothing
+        if "query" in counts:  # peers that count reads: the read reached the device
+            assert counts["query"] >= 1, (name, counts)
     status = fp.pq_json("status", nodeset)
     assert {n["node"]: n["state"] for n in status["nodes"]}[names[0]] == "off"
     set_state(names[0], "on")
@@ -196,11 +202,16 @@ def exercise(
             assert one_each or native, (name, counts)
 
     if boot:
+        reset_counts()
         job = fp.run("boot", nodeset, "--device", "pxe")
         peers = peer_nodes()
         for name in names:
             assert job["by_node"][name]["outcome"] == "ok", job["by_node"][name]
             assert str(peers[name].get("boot") or "").lower().startswith(("pxe", "network")), peers[name]
+            counts = _counts(peers, name)
+            assert not any(counts.get(a) for a in ACTIONS), (name, counts)  # boot powers nothing
+            if "boot" in counts:
+                assert counts["boot"] == 1, (name, counts)
 
 
 def error_code(fp: FullPath, name: str, action: str = "query") -> str:

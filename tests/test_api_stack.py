@@ -77,7 +77,12 @@ class ApiStack:
         return self.request(method, path, token=self.tokens[name], **kw)
 
     def load(self) -> None:
-        self.fp.load(n.inventory_entry() for n in self.nodes)
+        """Load the nodes' inventory through the running API (POST /v1/inventory)."""
+        body = {"nodes": [n.inventory_entry() for n in self.nodes]}
+        out = self.as_("root", "POST", "/v1/inventory", body=body)
+        assert out.status == 200, out.body
+        assert out.json() == {"nodes": len(self.nodes), "racks": {"fp": len(self.nodes)},
+                              "power_types": {"ipmi": len(self.nodes)}, "stored": True}, out.body
 
     def wait_job(self, job_id: str, timeout: float = 30) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -150,6 +155,11 @@ def test_job_over_http_changes_the_peer(stack: ApiStack) -> None:
     page = stack.wait_job(job["id"])
     assert page["job"]["ok"] == 2 and page["total"] == 2
     assert {r["node"]: r["state_after"] for r in page["results"]} == dict.fromkeys(names, "on")
+    pages = [stack.as_("viewer", "GET", f"/v1/jobs/{job['id']}?limit=1&offset={i}").json()
+             for i in range(3)]  # one result a page, then past the end
+    assert [len(p["results"]) for p in pages] == [1, 1, 0]
+    assert sorted(p["results"][0]["node"] for p in pages[:2]) == sorted(names)
+    assert all(p["total"] == 2 and p["limit"] == 1 for p in pages)
     for name in names:
         assert stack.fleet.node(name)["power"] == "on"
     states = stack.as_("viewer", "GET", f"/v1/nodes?nodes={','.join(names)}").json()
@@ -219,6 +229,14 @@ def test_maas_webhook_flow_as_maas_drives_it(stack: ApiStack) -> None:
 
     jobs = stack.as_("viewer", "GET", "/v1/jobs?limit=50").json()["jobs"]
     assert {j["requested_by"] for j in jobs if j["nodeset"] == name} == {"api:maas"}
+    # MAAS's System_Id reaches the API's audit stream with the token's name.
+    client = redis.Redis.from_url(stack.fp.redis.url, decode_responses=True)
+    audit = [f for _, f in client.xrange(f"{stack.fp.prefix}:api:audit")
+             if f.get("path", "").startswith(f"/maas/{name}/")]
+    client.close()
+    from_maas = [f for f in audit if f["system_id"] == "x7kq3p"]  # maas_drive's POSTs
+    assert {f["path"] for f in from_maas} == {f"/maas/{name}/on", f"/maas/{name}/off"}, audit
+    assert all(f["who"] == "api:maas" and f["status"] == "202" for f in from_maas), from_maas
 
 
 def test_tokens_on_the_running_api(stack: ApiStack) -> None:

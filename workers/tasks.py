@@ -161,6 +161,34 @@ def _run_node(
             log.warning("driver close failed for %s", name)
 
 
+ENQUEUE_WAIT = 30.0
+"""Seconds a chunk waits for its submitter to finish queuing the job's other chunks."""
+
+
+def _await_whole_enqueue(ctx: WorkerContext, job_id: str, cancel: CancelWatch) -> None:
+    """Hold the chunk until every chunk of its job is on the broker (issue 5: never a
+    partial enqueue). If the submitter failed part-way, the job carries a cancel flag and
+    every node of this chunk is skipped as cancelled; if it went silent for
+    :data:`ENQUEUE_WAIT` seconds (killed half-way), this chunk fails the job the same way."""
+    deadline = time.monotonic() + ENQUEUE_WAIT
+    while True:
+        # Redis unreachable past the store's own retries raises, and the chunk is handed
+        # back to the broker like any chunk that cannot reach its store.
+        state = ctx.store.enqueue_state(job_id)
+        if state == "whole":
+            return
+        if state == "failed":
+            cancel.event.set()
+            log.warning("job %s was not queued whole: its chunk acts on no node", job_id)
+            return
+        if time.monotonic() > deadline:
+            ctx.store.fail_enqueue(job_id, "the submitter stopped before queuing every chunk")
+            cancel.event.set()
+            log.warning("job %s was never queued whole: its chunk acts on no node", job_id)
+            return
+        time.sleep(0.02)
+
+
 def execute_chunk(
     ctx: WorkerContext, job_id: str | None, action: str, nodes: list[str],
     options: dict[str, Any], worker: str,
@@ -192,6 +220,12 @@ def _execute_chunk(
     pending: list[dict[str, Any]] = []
     last_flush = time.monotonic()
     cancel = CancelWatch(ctx.store.client, ctx.store.job_key(job_id) if job_id else None).start()
+    if job_id:
+        try:
+            _await_whole_enqueue(ctx, job_id, cancel)
+        except BaseException:
+            cancel.stop()
+            raise
     gates = _gates(ctx, release, nodes, records, cancel) if release else {}
     if gates:
         # Nodes go to the pool in timeline order, so the threads wait on the earliest.
