@@ -4,8 +4,8 @@ The fleet hot path of the ``ipmi`` power type (issue 4): pyghmi spends ~3.5 ms o
 new session and repeats Get Device ID on every read; this client keeps one session per
 :class:`Target`, so that a warm read is exactly one round trip (Get Chassis Status) and
 a cold one is Open Session, RAKP 1/2, RAKP 3/4 and the command. pyghmi
-(:mod:`drivewire.ipmi`) stays for bridging, OEM raw commands and user management. The wire
-format is in :mod:`drivewire.rmcpsession`.
+(:mod:`drivers.ipmi`) stays for bridging, OEM raw commands and user management. The wire
+format is in :mod:`drivers.rmcpsession`.
 
 How it behaves:
 
@@ -27,7 +27,7 @@ How it behaves:
   ``retries`` times; a whole call (login included) is bounded by
   ``timeout * (retries + 1)``. A handshake packet is resent byte for byte; an IPMI
   request is resent with the same rqSeq and data but the next session sequence number,
-  so a BMC that drops duplicate sequence numbers (replay window) still answewire.
+  so a BMC that drops duplicate sequence numbers (replay window) still answers.
 - **Lost sessions**: when an established session gets no answer for half the retries,
   the client logs in again once, transparently (counted as ``relogins``).
 - **Sockets**: ``sockets`` UDP sockets shared by all sessions (large receive buffers,
@@ -35,7 +35,7 @@ How it behaves:
   datagram per wake-up; replies are matched by remote address and session id. Anything
   that is not a genuine reply to a pending request is dropped and counted (``ignored``).
 
-Errors (:mod:`drivewire.errors`; messages name the BMC address, never a secret): wrong
+Errors (:mod:`drivers.errors`; messages name the BMC address, never a secret): wrong
 password or unknown user -> :class:`AuthError` at once (no retries); no answer to the
 login -> :class:`UnreachableError`; a session that was established in this call and then
 got no answer -> :class:`CallTimeoutError`; RMCP+ status 0x01 or completion code 0xC0 ->
@@ -632,7 +632,7 @@ class LanplusClient:
 
 
 class BlockingLanplus:
-    """A :class:`LanplusClient` on its own event-loop thread, for threaded callewire."""
+    """A :class:`LanplusClient` on its own event-loop thread, for threaded callers."""
 
     def __init__(self, **client_kwargs: Any) -> None:
         self.client = LanplusClient(**client_kwargs)

@@ -275,11 +275,14 @@ class Login:
         return bytes([tag, 0, 0, 0]) + self.bmc_sid + code
 
     def check_rakp4(self, payload: bytes) -> int:
-        """The RAKP 4 status; -1 when the integrity check value does not match (K_g)."""
+        """The RAKP 4 status; -1 when the integrity check value does not match (K_g), -2
+        when the message is malformed (too short to hold one)."""
         if len(payload) < 8 or payload[4:8] != self.console_sid:
             return -2
         if payload[1]:
             return payload[1]
+        if len(payload) < 8 + self.suite.icv_len:
+            return -2
         self._sik = self._hmac(self._kg, self._rm + self._rc + bytes([self.role, len(self.user)])
                                + self.user)
         icv = self._hmac(self._sik, self._rm + self.bmc_sid + self._guid)[:self.suite.icv_len]

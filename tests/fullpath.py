@@ -210,8 +210,9 @@ def exercise(
             assert str(peers[name].get("boot") or "").lower().startswith(("pxe", "network")), peers[name]
             counts = _counts(peers, name)
             assert not any(counts.get(a) for a in ACTIONS), (name, counts)  # boot powers nothing
-            if "boot" in counts:
-                assert counts["boot"] == 1, (name, counts)
+            # Sent once at most: some devices have no boot command of their own (an HMC
+            # LPAR network-boots on every power-on this driver sends), so none is fine.
+            assert counts.get("boot", 0) <= 1, (name, counts)
 
 
 def error_code(fp: FullPath, name: str, action: str = "query") -> str:

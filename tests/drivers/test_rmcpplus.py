@@ -411,6 +411,19 @@ def test_a_wrong_kg_is_an_auth_error(fleet: IpmiFleet, nodes: list[SimNode]) -> 
     assert KG not in repr(err.value)
 
 
+@pytest.mark.parametrize("suite", [3, 17])
+def test_a_truncated_rakp4_is_malformed_not_a_wrong_kg(suite: int) -> None:
+    """Found by tests/property/test_rmcp_fuzz.py: a RAKP 4 cut inside its integrity check
+    value was reported as a wrong K_g (AuthError); it is a malformed reply (DeviceError)."""
+    from drivers import rmcpsession as wire
+
+    suite_ = wire.SUITES[suite]
+    login = wire.Login(suite_, b"csid", b"msid", b"admin", PASSWORD.encode(), None, wire.PRIV_USER)
+    head = bytes([1, 0, 0, 0]) + b"csid"
+    assert [login.check_rakp4(head + bytes(n)) for n in (0, 1, suite_.icv_len - 1)] == [-2] * 3
+    assert login.check_rakp4(head + bytes(suite_.icv_len)) == -1  # whole, and wrong: K_g
+
+
 def test_a_bmc_key_kg_is_used_for_the_session_keys(tmp_path: Any) -> None:
     node = make_nodes(1, "kg", first_address=f"{BLOCK}.231", password=PASSWORD, prefix="rmcpkg")[0]
     node.power_parameters["k_g"] = KG
