@@ -21,10 +21,12 @@ test: $(STAMP)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
-# The chaos scenarios at full size (>= 1,000 node cycles under worker kills, Redis restarts,
-# a degraded fleet) and the bad-input property tests at >= 10,000 examples each.
+# The chaos scenarios at full size (4,000 node cycles under repeated worker kills, a Redis
+# restart mid-batch, a degraded fleet), the secret scans, and the bad-input property tests at
+# >= 10,000 examples each (pyghmi's IPMI fuzzers fewer: its login retries take seconds each).
 chaos: $(STAMP)
 	POWERQ_CHAOS_SCALE=large $(VENV)/bin/pytest -q -p no:cacheprovider -m chaos --timeout 1800 tests/chaos
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests/test_e2e.py::test_no_secret_anywhere tests/test_redis_tls.py
 	POWERQ_HYPOTHESIS_PROFILE=chaos $(VENV)/bin/pytest -q -p no:cacheprovider -o timeout=0 tests/property
 
 # powerq against ipmipower, pyghmi and ipmitool on 1,000 and 5,000 simulated BMCs, three
