@@ -73,7 +73,14 @@ def test_redis_restart_mid_batch(stack: tuple[ChaosStack, Any]) -> None:
         time.sleep(0.1)
     client.close()
     assert done < len(names), "the batch finished before Redis could be restarted: make it slower"
+    # The scheduler's other half, beat (`powerq poll`), runs through the restart too.
+    with open(chaos.workdir / "beat.log", "wb") as beat_log:
+        beat = subprocess.Popen([sys.executable, "-m", "scheduler.cli", "poll", "--every", "2s"],
+                                env=chaos.env, cwd=ROOT, stdout=beat_log, stderr=subprocess.STDOUT)
+    chaos.procs.append(beat)  # stopped with the stack whatever happens here
+    time.sleep(1.0)
     chaos.restart_redis(down_for=SIZE["down_for"])
+    restarted = time.time()
     # Until the workers have reconnected, a new job is refused ("no worker consumes the
     # queue"), never queued and lost: wait for them, then submit one more.
     back = time.monotonic()
@@ -101,3 +108,20 @@ def test_redis_restart_mid_batch(stack: tuple[ChaosStack, Any]) -> None:
              or peers[n]["power"] != "on"}
     assert not wrong, f"{len(wrong)} node(s) lost or repeated an action: {wrong}"
     assert reconnect < 30, reconnect
+
+    # Beat reconnected by itself: it keeps polling after the restart.
+    try:
+        deadline = time.monotonic() + 60
+        client = chaos.client()
+        polled: list[dict[str, Any]] = []
+        while time.monotonic() < deadline and not polled:
+            assert beat.poll() is None, (chaos.workdir / "beat.log").read_text()[-3000:]
+            states = [json.loads(v) for v in client.hvals(f"{chaos.prefix}:state")]
+            polled = [st for st in states if st.get("job") == "poll" and st.get("at", 0) > restarted]
+            time.sleep(0.5)
+        client.close()
+        assert polled, ("beat did not poll after the Redis restart",
+                        (chaos.workdir / "beat.log").read_text()[-3000:])
+    finally:
+        beat.terminate()
+        beat.wait(10)
