@@ -303,7 +303,10 @@ def submit(
     try:
         send(job_id, plan)
     except BaseException as exc:  # a broker error, or Ctrl-C half-way through
-        store.fail_enqueue(job_id, f"could not queue: {type(exc).__name__}")
+        try:
+            store.fail_enqueue(job_id, f"could not queue: {type(exc).__name__}")
+        except Exception:  # noqa: S110 - Redis down too: the chunks that arrived fail the job
+            pass  # themselves after workers.tasks.ENQUEUE_WAIT; the broker's error is the news
         raise
     store.mark_enqueued(job_id)
     return job_id
