@@ -368,12 +368,6 @@ def _release_session(session: Any) -> bool:
         return True
 
 
-def session_holders(session: Any) -> int:
-    """How many drivers in this process hold the pyghmi ``session`` (for tests)."""
-    with _SESSIONS_LOCK:
-        return _SESSION_HOLDERS.get(session, 0)
-
-
 # -- the shared RMCP+ client (issue 4) --------------------------------------------------------
 _LANPLUS: dict[str, Any] = {"client": None}
 

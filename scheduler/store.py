@@ -253,7 +253,7 @@ class Store:
             args: list[str] = []
             for result in batch:
                 args += [result["node"], json.dumps(result), str(result["outcome"])]
-            fresh = set(self._record_script(keys=[self._results(job_id), self._job(job_id)],
+            fresh = set(self._script(_RECORD)(keys=[self._results(job_id), self._job(job_id)],
                                             args=[self.result_ttl, *args]))
             batch = [r for r in batch if r["node"] in fresh]
             if not batch:
@@ -280,11 +280,13 @@ class Store:
             pipe.hset(self._state, result["node"], json.dumps(latest))
         pipe.execute()
 
-    @property
-    def _record_script(self) -> Any:
-        script = self.__dict__.get("_record")
+    def _script(self, source: str) -> Any:
+        """The registered form of a Lua script of this module (sent once, then run by its
+        SHA), made on first use."""
+        scripts = self.__dict__.setdefault("_scripts", {})
+        script = scripts.get(source)
         if script is None:
-            script = self.__dict__["_record"] = self.client.register_script(_RECORD)
+            script = scripts[source] = self.client.register_script(source)
         return script
 
     # -- the journal of node actions (exactly-once delivery) ---------------------------
@@ -297,8 +299,8 @@ class Store:
         (action, attempt, time, worker): ``attempt`` counts the calls that may change the
         node sent in this job so far, this one included, across deliveries. The node's
         result, written when its action ends, is the mark that it is done."""
-        self.client.eval(_JOURNAL, 1, self._journal(job_id), node, action, worker,
-                         repr(time.time()), self.result_ttl)
+        self._script(_JOURNAL)(keys=[self._journal(job_id)],
+                               args=[node, action, worker, repr(time.time()), self.result_ttl])
 
     def delivery_state(self, job_id: str, nodes: list[str]) -> tuple[set[str], dict[str, str]]:
         """(nodes already reported, {node acted on but not reported: the last phase
@@ -321,7 +323,7 @@ class Store:
 
     def chunk_started(self, job_id: str) -> None:
         """A chunk began: a queued job is running (a failed or cancelling one stays so)."""
-        self.client.eval(_STARTED, 1, self._job(job_id))
+        self._script(_STARTED)(keys=[self._job(job_id)])
 
     # -- all of a job's chunks or none (issue 5: never a partial enqueue) --------------------
     def mark_enqueued(self, job_id: str) -> None:
@@ -351,7 +353,7 @@ class Store:
         ``chunk`` names it); True only for the call that completes the job. One script:
         concurrent chunks can neither undercount nor complete a job twice."""
         key = self._job(job_id)
-        completed = self._finish_script(
+        completed = self._script(_FINISH)(
             keys=[key, f"{key}:chunks"],
             args=["" if chunk is None else str(chunk), self.result_ttl, repr(time.time())],
         )
@@ -359,13 +361,6 @@ class Store:
             audit.record_outcome(self, job_id)  # audit (issue 5): the job's outcome, once
             return True
         return False
-
-    @property
-    def _finish_script(self) -> Any:
-        script = self.__dict__.get("_finish")
-        if script is None:
-            script = self.__dict__["_finish"] = self.client.register_script(_FINISH)
-        return script
 
     def cancel(self, job_id: str, by: str) -> dict[str, Any] | None:
         """Ask the workers to stop releasing the job's nodes (nodes whose power action

@@ -137,10 +137,11 @@ def make_app(config: Config) -> Celery:
 # --- what `inspect conf` shows (issue 5) -----------------------------------------------------
 def _censored_conf(state: Any, with_defaults: bool = False, **_: Any) -> Any:
     """Celery's ``conf`` inspect command, censored. Celery's own sends ``app.conf.table()``
-    uncensored, so the broker URL's password reached every ``inspect conf`` caller, Flower's
-    ``/api/workers`` among them. This one masks what Celery's ``report`` masks (keys naming a
-    key, secret, password or token; broker and backend URLs) and shows powerq's Config by
-    its masked repr."""
+    as it is to every ``inspect conf`` caller, Flower's ``/api/workers`` among them: any
+    setting holding a secret would show. This one masks what Celery's ``report`` masks (keys
+    naming a key, secret, password or token; broker and backend URLs). powerq's own Config
+    in it shows its secrets masked by its repr (before that repr, it printed the Fernet key
+    and the Redis and Flower passwords)."""
     from celery.app.utils import filter_hidden_settings
     from celery.utils.saferepr import saferepr
     from celery.utils.serialization import jsonify

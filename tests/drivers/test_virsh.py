@@ -328,23 +328,17 @@ def test_password_is_passed_and_never_shown(fleet: LibvirtFleet, make_driver: Ca
 
 
 @pytest.fixture
-def tcp(fleet: LibvirtFleet) -> Iterator[Callable[..., VirshDriver]]:
+def tcp(fleet: LibvirtFleet, make_driver: Callable[..., VirshDriver]) -> Callable[..., VirshDriver]:
     """Drivers for :data:`VM` through the fleet's SASL-protected TCP listener;
     ``password`` defaults to the right one."""
     if fleet.tcp_uri is None:
         pytest.fail("the fleet has no TCP listener: saslpasswd2 (sasl2-bin) is missing; "
                     "make test installs it")
-    made: list[VirshDriver] = []
 
     def make(password: str | None = None, name: str = VM) -> VirshDriver:
-        params = fleet.tcp_entry(name, password)["power_parameters"]
-        driver = VirshDriver(VirshDriver.validate(params))
-        made.append(driver)
-        return driver
+        return make_driver(**fleet.tcp_entry(name, password)["power_parameters"])
 
-    yield make
-    for driver in made:
-        driver.close()
+    return make
 
 
 def test_right_password_over_sasl_reaches_the_same_hypervisor(
