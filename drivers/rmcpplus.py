@@ -655,18 +655,24 @@ class BlockingLanplus:
 
         Raises what the coroutine raises; :class:`CallTimeoutError` after ``timeout`` s.
         """
+        future = self.submit(coro_factory)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise CallTimeoutError(f"ipmi: call did not finish within {timeout} s") from None
+
+    def submit(self, coro_factory: Callable[[LanplusClient], Awaitable[T]]
+               ) -> concurrent.futures.Future[T]:
+        """Start ``coro_factory(client)`` on the client's loop; its future, to wait on
+        while doing other work (a chunk writes results while its batch runs)."""
         if self._loop.is_closed():
             raise RuntimeError("BlockingLanplus is closed")
 
         async def run() -> T:
             return await coro_factory(self.client)
 
-        future = asyncio.run_coroutine_threadsafe(run(), self._loop)
-        try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise CallTimeoutError(f"ipmi: call did not finish within {timeout} s") from None
+        return asyncio.run_coroutine_threadsafe(run(), self._loop)
 
     def query_many(self, targets: Sequence[Target]) -> list[str | PowerError]:
         """Power state of every target (``"on"`` / ``"off"``) or its :class:`PowerError`,

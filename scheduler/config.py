@@ -88,7 +88,7 @@ class Config:
     # IPMI fleet hot path (issue 4; workers/fastpath.py, drivers/rmcpplus.py)
     ipmi_fastpath: bool = _opt(
         True, "IPMI power calls on the worker's own RMCP+ client (sessions kept across jobs), "
-        "and a chunk's IPMI reads in one batch; false: pyghmi, one session per call"
+        "and a chunk's IPMI nodes (reads and actions) in one batch; false: pyghmi, one session per call"
     )
     ipmi_fleet_timeout: float = _opt(
         2.0, "RMCP+ client: seconds before a request is sent again (3 more tries, then unreachable)"

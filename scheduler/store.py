@@ -73,18 +73,23 @@ return 1
 
 
 _JOURNAL = """
-local attempt = 1
-local old = redis.call('HGET', KEYS[1], ARGV[1])
-if old then
-  local ok, entry = pcall(cjson.decode, old)
-  if ok and type(entry) == 'table' and tonumber(entry['attempt']) then
-    attempt = tonumber(entry['attempt']) + 1
+-- ARGV: worker, time, ttl, then (node, action) pairs. Returns each node's attempt.
+local out = {}
+for i = 4, #ARGV, 2 do
+  local attempt = 1
+  local old = redis.call('HGET', KEYS[1], ARGV[i])
+  if old then
+    local ok, entry = pcall(cjson.decode, old)
+    if ok and type(entry) == 'table' and tonumber(entry['attempt']) then
+      attempt = tonumber(entry['attempt']) + 1
+    end
   end
+  redis.call('HSET', KEYS[1], ARGV[i], cjson.encode({action = ARGV[i + 1], attempt = attempt,
+    at = tonumber(ARGV[2]), worker = ARGV[1]}))
+  out[#out + 1] = attempt
 end
-redis.call('HSET', KEYS[1], ARGV[1], cjson.encode({action = ARGV[2], attempt = attempt,
-  at = tonumber(ARGV[4]), worker = ARGV[3]}))
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
-return attempt
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+return out
 """
 
 _STARTED = """
@@ -299,8 +304,16 @@ class Store:
         (action, attempt, time, worker): ``attempt`` counts the calls that may change the
         node sent in this job so far, this one included, across deliveries. The node's
         result, written when its action ends, is the mark that it is done."""
-        self._script(_JOURNAL)(keys=[self._journal(job_id)],
-                               args=[node, action, worker, repr(time.time()), self.result_ttl])
+        self.journal_many(job_id, [(node, action)], worker)
+
+    def journal_many(self, job_id: str, entries: Iterable[tuple[str, str]], worker: str) -> None:
+        """:meth:`journal_sent` for many (node, action) pairs in one script (the IPMI batch
+        of a chunk journals a whole phase at once)."""
+        args: list[str] = [worker, repr(time.time()), str(self.result_ttl)]
+        for node, action in entries:
+            args += [node, action]
+        if len(args) > 3:
+            self._script(_JOURNAL)(keys=[self._journal(job_id)], args=args)
 
     def delivery_state(self, job_id: str, nodes: list[str]) -> tuple[set[str], dict[str, str]]:
         """(nodes already reported, {node acted on but not reported: the last phase

@@ -356,18 +356,39 @@ class BmcGuard:
         with self._held_guard:
             self._held.pop(self.lease_key(bmc_key), None)
 
+    def hold_many(self, bmc_keys: Iterable[str], token: str) -> None:
+        """Keep renewing the leases :meth:`take_many` took, until :meth:`unhold_many`
+        (a batch of power actions outlives the lease's TTL)."""
+        if not self.leasing:
+            return
+        for key in bmc_keys:
+            self._hold(key, token)
+
+    def unhold_many(self, bmc_keys: Iterable[str]) -> None:
+        with self._held_guard:
+            for key in bmc_keys:
+                self._held.pop(self.lease_key(key), None)
+
     def _renew_loop(self) -> None:
         every = max(0.01, self.settings.bmc_lease_ttl / 3)
         ttl_ms = max(1, int(self.settings.bmc_lease_ttl * 1000))
         while not self._stop.wait(every):
             with self._held_guard:
                 held = list(self._held.items())
-            for key, token in held:
-                try:
-                    if not int(self._renew(keys=[key], args=[token, ttl_ms])):
-                        log.warning("BMC lease %s was lost while its call ran", key)
-                except redis.RedisError as exc:
-                    log.warning("BMC lease renewal failed for %s: %s", key, type(exc).__name__)
+            if not held:
+                continue
+            try:  # every held lease in one round trip (a batch holds thousands)
+                pipe = self.client.pipeline(transaction=False)
+                for key, token in held:
+                    self._renew(keys=[key], args=[token, ttl_ms], client=pipe)
+                kept = pipe.execute()
+            except redis.RedisError as exc:
+                log.warning("BMC lease renewal failed for %d lease(s): %s", len(held),
+                            type(exc).__name__)
+                continue
+            for (key, token), still in zip(held, kept, strict=True):
+                if not int(still) and self._held.get(key) == token:  # not just released
+                    log.warning("BMC lease %s was lost while its call ran", key)
 
     def stop(self) -> None:
         """Stop renewing (tests; a worker just exits)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -123,6 +123,118 @@ class Gate(Protocol):
 
     def sent(self, attempt: int = 1) -> None:
         """Attempt ``attempt``'s power-on call returned: count its start from now on."""
+
+
+def ended_by(result: NodeResult, exc: Cancelled | PowerError | ValueError) -> None:
+    """Fill ``result`` for an action that ended in ``exc``: skipped if cancelled, the
+    error (with the attempt it came at) for a PowerError, a settings error for a
+    ValueError (an unknown action or boot device)."""
+    if isinstance(exc, Cancelled):
+        result.outcome = Outcome.SKIPPED
+        result.note = "cancelled"
+    elif isinstance(exc, PowerError):
+        result.outcome = Outcome.ERROR
+        result.error = exc.to_dict()
+        result.error["attempt"] = result.attempts
+    else:
+        result.outcome = Outcome.ERROR
+        result.error = SettingsError(f"unknown action or boot device in {result.action!r}").to_dict()
+
+
+Step = tuple[Any, ...]
+"""One step of an action, as :func:`action_steps` yields it (the executor's answer is sent
+back into the generator):
+
+- ``("query",)``: read the power state, retrying transient errors -> :class:`PowerState`;
+- ``("journal", phase)``: journal that ``phase`` is about to be sent (exactly-once);
+- ``("admit", cancellable)``: take a start slot within the budgets (gated only) -> time;
+- ``("off", soft)``: power off, retrying; ``("on", native)``: power on (``native``: a
+  native power cycle, never retried), each retry in a new slot when gated;
+- ``("settle", wanted)``: query until the node shows ``wanted`` (state_after set);
+- ``("boot", device, efi, persistent)``: set the next boot device, retrying.
+"""
+
+
+def action_steps(
+    action: Action, options: dict[str, Any], result: NodeResult, *, queryable: bool,
+    gated: bool, cycle_mode: str,
+) -> Generator[Step, Any, None]:
+    """What an action does, as steps for an executor to carry out: the thread per node of
+    :class:`NodeRunner` and the IPMI batch of ``workers/fastpath.py`` both run these, so the
+    two cannot drift apart. Fills ``result`` (states, note, power_on_at) as it goes."""
+    if action is Action.QUERY:
+        if not queryable:
+            result.state_after = str(PowerState.UNKNOWN)
+            result.note = "power type cannot read the state"
+            return
+        state = yield ("query",)
+        result.state_before = result.state_after = str(state)
+        return
+
+    if action is Action.BOOT:
+        device = BootDevice(options.get("device", "pxe"))
+        yield ("journal", "boot")
+        yield ("boot", device, bool(options.get("efi")), bool(options.get("persistent")))
+        result.note = f"next boot: {device}" + (" (EFI)" if options.get("efi") else "")
+        return
+
+    before = (yield ("query",)) if queryable else PowerState.UNKNOWN
+    result.state_before = str(before)
+    soft = bool(options.get("soft"))
+
+    if action is Action.ON:
+        if before is PowerState.ON:
+            result.state_after = str(before)
+            result.note = "already on"
+            return
+        if gated:
+            result.power_on_at = yield ("admit", True)
+        yield ("journal", "on")
+        yield ("on", False)
+        yield ("settle", PowerState.ON)
+    elif action is Action.OFF:
+        if before is PowerState.OFF:
+            result.state_after = str(before)
+            result.note = "already off"
+            return
+        yield ("journal", "off")
+        yield ("off", soft)
+        yield ("settle", PowerState.OFF)
+    elif action is Action.CYCLE:
+        doubt = options.get("in_doubt")
+        if doubt and doubt != "cycle:off" and before is PowerState.ON:
+            # An earlier delivery reached the power-on (or a native cycle) and the node
+            # is on: it was cycled already. Never twice.
+            result.state_after = str(before)
+            result.note = "in doubt after a redelivery: found on, not cycled again"
+            return
+        # (journaled "cycle:off" and found on: that power-off never took effect, so the
+        # cycle is done now, for the first time)
+        if before is PowerState.OFF:
+            # As MAAS does: cycling a node that is off powers it on (and an in-doubt
+            # cycle found off is completed).
+            if gated:
+                result.power_on_at = yield ("admit", True)
+            yield ("journal", "cycle:on")
+            yield ("on", False)
+            result.note = "was off: powered on"
+        elif cycle_mode == "native":
+            if gated:
+                result.power_on_at = yield ("admit", True)
+            yield ("journal", "cycle:native")
+            yield ("on", True)
+        else:
+            yield ("journal", "cycle:off")
+            yield ("off", soft)
+            yield ("settle", PowerState.OFF)
+            if gated:
+                # Once off, the node comes back on: a cancel no longer stops it.
+                result.power_on_at = yield ("admit", False)
+            yield ("journal", "cycle:on")
+            yield ("on", False)
+        yield ("settle", PowerState.ON)
+    else:  # pragma: no cover - Action is exhaustive
+        raise UnsupportedError(f"action {action}")
 
 
 class BmcLocks:
@@ -356,16 +468,8 @@ class NodeRunner:
                         self._action_leases.keys = set()
             else:
                 self._run(driver, Action(action), options, result, gate, on_act)
-        except Cancelled:
-            result.outcome = Outcome.SKIPPED
-            result.note = "cancelled"
-        except PowerError as exc:
-            result.outcome = Outcome.ERROR
-            result.error = exc.to_dict()
-            result.error["attempt"] = result.attempts
-        except ValueError:
-            result.outcome = Outcome.ERROR
-            result.error = SettingsError(f"unknown action {action!r}").to_dict()
+        except (Cancelled, PowerError, ValueError) as exc:
+            ended_by(result, exc)
         result.finished = self.wall()
         return result
 
@@ -373,91 +477,46 @@ class NodeRunner:
         self, driver: PowerDriver, action: Action, options: dict[str, Any], result: NodeResult,
         gate: Gate | None = None, on_act: Callable[[str], None] | None = None,
     ) -> None:
-        def act(what: str) -> None:
+        """Carry out :func:`action_steps` one step at a time with this driver."""
+        steps = action_steps(action, options, result, queryable=driver.capabilities.power_query,
+                             gated=gate is not None, cycle_mode=self.settings.cycle_mode)
+        reply: Any = None
+        while True:
+            try:
+                step = steps.send(reply)
+            except StopIteration:
+                return
+            reply = self._step(driver, step, result, gate, on_act)
+
+    def _step(
+        self, driver: PowerDriver, step: Step, result: NodeResult, gate: Gate | None,
+        on_act: Callable[[str], None] | None,
+    ) -> Any:
+        kind = step[0]
+        if kind == "query":
+            return self.call(driver, driver.query, result)
+        if kind == "journal":
             if on_act is not None:
-                on_act(what)
-
-        queryable = driver.capabilities.power_query
-        if action is Action.QUERY:
-            if not queryable:
-                result.state_after = str(PowerState.UNKNOWN)
-                result.note = "power type cannot read the state"
-                return
-            state = self.call(driver, driver.query, result)
-            result.state_before = result.state_after = str(state)
-            return
-
-        if action is Action.BOOT:
-            device = BootDevice(options.get("device", "pxe"))
-            act("boot")
-            self.call(
-                driver,
-                lambda: driver.set_boot_device(
-                    device, efi=bool(options.get("efi")), persistent=bool(options.get("persistent"))
-                ),
-                result,
-            )
-            result.note = f"next boot: {device}" + (" (EFI)" if options.get("efi") else "")
-            return
-
-        before = self.call(driver, driver.query, result) if queryable else PowerState.UNKNOWN
-        result.state_before = str(before)
-        soft = bool(options.get("soft"))
-
-        if action is Action.ON:
-            if before is PowerState.ON:
-                result.state_after = str(before)
-                result.note = "already on"
-                return
-            if gate is not None:
-                result.power_on_at = gate.admit()
-            act("on")
-            self._power_on(driver, result, gate)
-            self._settle(driver, PowerState.ON, result)
-        elif action is Action.OFF:
-            if before is PowerState.OFF:
-                result.state_after = str(before)
-                result.note = "already off"
-                return
-            act("off")
-            self.call(driver, lambda: driver.power_off(soft=soft), result)
-            self._settle(driver, PowerState.OFF, result)
-        elif action is Action.CYCLE:
-            doubt = options.get("in_doubt")
-            if doubt and doubt != "cycle:off" and before is PowerState.ON:
-                # An earlier delivery reached the power-on (or a native cycle) and the node
-                # is on: it was cycled already. Never twice.
-                result.state_after = str(before)
-                result.note = "in doubt after a redelivery: found on, not cycled again"
-                return
-            # (journaled "cycle:off" and found on: that power-off never took effect, so the
-            # cycle is done now, for the first time)
-            if before is PowerState.OFF:
-                # As MAAS does: cycling a node that is off powers it on (and an in-doubt
-                # cycle found off is completed).
-                if gate is not None:
-                    result.power_on_at = gate.admit()
-                act("cycle:on")
-                self._power_on(driver, result, gate)
-                result.note = "was off: powered on"
-            elif self.settings.cycle_mode == "native":
-                if gate is not None:
-                    result.power_on_at = gate.admit()
-                act("cycle:native")
-                # A native cycle is not idempotent: never retried blindly.
-                self._power_on(driver, result, gate, driver.power_cycle, retry=False)
-            else:
-                act("cycle:off")
-                self.call(driver, lambda: driver.power_off(soft=soft), result)
-                self._settle(driver, PowerState.OFF, result)
-                if gate is not None:
-                    # Once off, the node comes back on: a cancel no longer stops it.
-                    result.power_on_at = gate.admit(cancellable=False)
-                act("cycle:on")
-                self._power_on(driver, result, gate)
-            self._settle(driver, PowerState.ON, result)
-        else:  # pragma: no cover - Action is exhaustive
-            raise UnsupportedError(f"action {action}")
+                on_act(step[1])
+            return None
+        if kind == "admit":
+            assert gate is not None
+            return gate.admit(cancellable=step[1])
+        if kind == "off":
+            soft = step[1]
+            return self.call(driver, lambda: driver.power_off(soft=soft), result)
+        if kind == "on":
+            if step[1]:  # a native cycle: not idempotent, never retried blindly
+                return self._power_on(driver, result, gate, driver.power_cycle, retry=False)
+            return self._power_on(driver, result, gate)
+        if kind == "settle":
+            return self._settle(driver, step[1], result)
+        if kind == "boot":
+            device, efi, persistent = step[1], step[2], step[3]
+            return self.call(
+                driver, lambda: driver.set_boot_device(device, efi=efi, persistent=persistent),
+                result)
+        raise UnsupportedError(f"step {kind}")  # pragma: no cover - action_steps is exhaustive
 
     @property
     def _retry_hooks(self) -> threading.local:
@@ -520,6 +579,9 @@ class NodeRunner:
 
 __all__ = [
     "Action",
+    "Step",
+    "action_steps",
+    "ended_by",
     "Cancelled",
     "Gate",
     "BmcLocks",

@@ -21,7 +21,7 @@ from celery import shared_task
 from celery.exceptions import Reject
 
 from drivers import registry
-from drivers.errors import CallTimeoutError, PowerError, SettingsError
+from drivers.errors import CallTimeoutError, DeviceError, PowerError, SettingsError
 from scheduler.config import Config
 from scheduler.inventory import InventoryNode, InventoryStore
 from scheduler.logs import current_context, log_context
@@ -244,19 +244,44 @@ def _execute_chunk(
         last_flush = time.monotonic()
 
     if fastpath.enabled(ctx.config, action, bool(gates)) and not cancel.event.is_set():
-        # The IPMI fleet hot path (issue 4): this chunk's IPMI reads in one batch.
-        try:
-            fast, nodes = fastpath.run_queries(ctx, nodes, records, worker)
-        except Exception:
-            log.warning("IPMI batch read failed; its nodes go one by one", exc_info=True)
-            fast = []
-        for result in fast:
+        # The IPMI fleet hot path (issue 4): this chunk's IPMI nodes in one batch.
+        emitted: set[str] = set()
+
+        def emit(result: NodeResult) -> None:
+            emitted.add(result.node)
             counts[result.outcome] += 1
             _count_result(ctx, result)  # issue 7
             _log_fast(records.get(result.node), result)
             pending.append(result.to_dict())
-        if pending:
-            flush()
+            if len(pending) >= FLUSH_SIZE:
+                flush()
+
+        def tick() -> None:
+            if time.monotonic() - last_flush >= FLUSH_EVERY:
+                flush()
+
+        try:
+            nodes = fastpath.run_batch(ctx, job_id, action, nodes, records, options, worker,
+                                       cancel=cancel, deadline=deadline, emit=emit,
+                                       skip=in_doubt, every=FLUSH_EVERY, tick=tick)
+        except redis.RedisError:
+            cancel.stop()
+            raise
+        except Exception:
+            # A bug: nodes it reported are done; a read goes again one by one, but an
+            # action that may have been sent is not sent twice.
+            log.error("IPMI batch failed inside powerq", exc_info=True)
+            left = [n for n in nodes if n not in emitted]
+            nodes = [n for n in left if action == "query" or
+                     getattr(records.get(n), "power_type", None) != "ipmi"]
+            for name in left:
+                if name not in nodes:
+                    failed = _skipped(name, action, worker, "")
+                    failed.outcome, failed.power_type = Outcome.ERROR, "ipmi"
+                    failed.error = DeviceError("ipmi: the batch failed inside powerq; "
+                                               "the node's state is not known").to_dict()
+                    emit(failed)
+        flush()
     pool = ThreadPoolExecutor(
         max_workers=max(1, min(ctx.config.node_concurrency, len(nodes))),
         thread_name_prefix="powerq-node",
@@ -309,14 +334,14 @@ def _execute_chunk(
 
 
 def _log_fast(record: InventoryNode | None, result: NodeResult) -> None:
-    """The line :func:`run_node` writes per node, for a node read by the batch."""
+    """The line :func:`run_node` writes per node, for a node run in the IPMI batch."""
     code = (result.error or {}).get("code")
     level = logging.INFO if code else logging.DEBUG
     if not log.isEnabledFor(level):
         return
     with log_context(node=result.node, rack=record.rack if record else None, power_type="ipmi"):
-        log.log(level, "node %s query: %s%s (1 call, batch)", result.node, result.outcome,
-                f" {code}" if code else "")
+        log.log(level, "node %s %s: %s%s (%d call(s), batch)", result.node, result.action,
+                result.outcome, f" {code}" if code else "", result.attempts)
 
 
 def _journal(ctx: WorkerContext, job_id: str | None, node: str, worker: str) -> Callable[[str], None] | None:

@@ -387,3 +387,22 @@ def test_release_many_clears_failures_of_the_bmcs_that_answered(client: redis.Re
     assert client.hget(guard.fail_key, ok) is None
     assert client.hget(guard.fail_key, bad) == "1"
     assert client.get(guard.lease_key(ok)) is None and client.get(guard.lease_key(bad)) is None
+
+
+def test_a_batch_keeps_its_leases_past_their_ttl_until_it_lets_go(client: redis.Redis, prefix: str) -> None:
+    """A batch of power actions outlives the lease TTL: its leases are renewed together
+    (one pipelined round trip) while held, and expire once it stops holding them."""
+    guard = make_guard(client, prefix, bmc_lease_ttl=0.3)
+    keys = [f"{prefix}-b{i}" for i in range(50)]
+    try:
+        assert set(guard.take_many(keys, "batch").values()) == {1}
+        guard.hold_many(keys, "batch")
+        time.sleep(0.8)  # well past the TTL
+        assert all(client.get(guard.lease_key(k)) == "batch" for k in keys)
+        guard.unhold_many(keys[:25])
+        time.sleep(0.6)
+        assert all(client.get(guard.lease_key(k)) is None for k in keys[:25])  # expired
+        assert all(client.get(guard.lease_key(k)) == "batch" for k in keys[25:])
+    finally:
+        guard.unhold_many(keys)
+        guard.stop()
