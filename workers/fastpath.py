@@ -164,6 +164,7 @@ class _Batch:
         self.ok: list[str] = []
         self.failed: list[str] = []
         self.broken: BaseException | None = None  # the journal could not be written
+        self.racks: dict[str, str | None] = {}  # node -> rack, for the in-flight gauge
 
     async def run(self, client: Any, picked: list[tuple[str, str, Any, Any]], limit: float
                   ) -> list[str]:
@@ -273,16 +274,18 @@ class _Batch:
         for attempt in range(1, attempts + 1):
             result.attempts += 1
             began = loop.time()
+            metrics = self.metrics  # issue 7: calls in flight by rack, and their latency
             try:
                 try:
-                    async with asyncio.timeout(policy.call_timeout):
-                        return await make()
+                    with metrics.in_flight(self.racks.get(node)) if metrics else contextlib.nullcontext():
+                        async with asyncio.timeout(policy.call_timeout):
+                            return await make()
                 except TimeoutError:
                     raise CallTimeoutError(
                         f"ipmi {node}: no answer within {policy.call_timeout:g} s") from None
                 finally:
-                    if self.metrics is not None:  # the driver call latency histogram (issue 7)
-                        self.metrics.observe_call("ipmi", loop.time() - began)
+                    if metrics is not None:
+                        metrics.observe_call("ipmi", loop.time() - began)
             except TransientError as exc:
                 spent_it_all = (isinstance(exc, CallTimeoutError | UnreachableError)
                                 and loop.time() - began >= policy.call_timeout)
@@ -390,6 +393,7 @@ def run_batch(ctx: Any, job_id: str | None, action: str, names: list[str], recor
         guard.hold_many(run_keys, token)
     done: queue.SimpleQueue[NodeResult] = queue.SimpleQueue()
     batch = _Batch(ctx, job_id, action, options, worker, cancel, done.put)
+    batch.racks = {picked[k][0]: getattr(records.get(picked[k][0]), "rack", None) for k in run_keys}
     limit = (deadline - time.monotonic()) if deadline is not None else float("inf")
     entries = [(picked[k][0], k, picked[k][1], picked[k][2]) for k in run_keys]
     late: list[str] = []

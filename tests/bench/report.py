@@ -334,18 +334,16 @@ def profile_text(results: dict[str, Any]) -> str:
         "- CPU floor: the simulator runs on the same cores, so (worker CPU + simulator CPU) ÷ "
         "cores bounds how fast any client can be on this machine.",
         "",
-        "The batch cycle is CPU-bound in the workers. A profile of one worker cycling 2,500 BMCs "
-        "(py-spy `--gil`, 2026-11-26) puts the CPU in: thread hand-offs (each of a node's five "
-        "calls — read, off, confirm, on, confirm — goes from the node's thread to the RMCP+ "
-        "client's event loop and back; with 10 chunks of 64 node threads per process, waking "
-        "and switching threads under the GIL is about a fifth of the CPU); Redis round trips made "
-        "per node for exactly-once delivery (the journal entry written before the off and "
-        "before the on) and the BMC lease (one take, one release per node action); the RMCP+ "
-        "work itself (HMAC, AES, packets) is about a tenth. Single runs at 5,000 BMCs: "
-        "`POWERQ_NODE_CONCURRENCY=32` took 18.3 s with 22.5 s of worker CPU, 64 (the default) "
-        "22.6–26.0 s with 28.5–33.3 s, 16 was 23.2 s (too few nodes in flight). The way below "
-        "15 s is to run a chunk's actions on the event loop itself, as reads already are, with "
-        "the journal writes of a phase batched: not done yet.",
+        "The batch cycle runs in each chunk's IPMI batch (`workers/fastpath.py`): a node's "
+        "five calls (read, off, confirm, on, confirm; five round trips, "
+        f"{5 * latency * 1000:g} ms of reply latency) are coroutines on the worker's RMCP+ "
+        "client, the journal entries of exactly-once delivery are written a phase at a time, "
+        "and the chunk's BMC leases are taken, renewed and released together. Before that "
+        "(git 31be3e0, 2026-11-26, the same benchmark on a machine of this kind) each node ran "
+        "in a thread of its own and each call was handed to the client's event loop and back: "
+        "the cycle of 5,000 BMCs took 19.9–26.5 s with 25–32 s of worker CPU, a fifth of it "
+        "thread switching under the GIL and much of the rest Redis round trips made per node "
+        "(a journal entry before the off and the on, a lease take and release).",
     ]
     return "\n".join(lines)
 

@@ -259,6 +259,9 @@ def test_nodes_still_running_at_the_chunk_time_limit_are_reported_as_timed_out(
                        POWERQ_IPMI_FLEET_TIMEOUT="3")
     try:
         new_job(context.store, "c8", "query", N)
+        seen: dict[str, int] = {}
+        # Half way, the three slow reads are the rack's calls in flight (issue 7's gauge).
+        threading.Timer(0.6, lambda: seen.update(context.metrics._inflight)).start()
         began = time.monotonic()
         counts = tasks.execute_chunk(context, "c8", "query", names, {"chunk": 0}, "w1")
         took = time.monotonic() - began
@@ -271,3 +274,5 @@ def test_nodes_still_running_at_the_chunk_time_limit_are_reported_as_timed_out(
         assert results[name]["error"]["code"] == "timeout", results[name]
         assert "chunk time limit" in results[name]["error"]["message"], results[name]
     assert took < 2.5  # the slow reads were given up at the limit, not waited for
+    assert seen.get("rb") == 3, seen
+    assert context.metrics._inflight.get("rb") == 0  # and counted out when cancelled
