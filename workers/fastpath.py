@@ -173,6 +173,7 @@ class _Batch:
         caller as timed out)."""
         loop = asyncio.get_running_loop()
         self.client, self.loop = client, loop
+        self.budget = min(self.policy.call_timeout, client.timeout * (client.retries + 1))
         self.journal = (_Journal(loop, lambda entries: self.ctx.store.journal_many(
             self.job_id, entries, self.worker)) if self.job_id else None)
         tasks = {loop.create_task(self._node(*entry)): entry for entry in picked}
@@ -287,8 +288,11 @@ class _Batch:
                     if metrics is not None:
                         metrics.observe_call("ipmi", loop.time() - began)
             except TransientError as exc:
+                # A BMC that did not answer within the whole call timeout, or within all
+                # the client's retransmissions (POWERQ_IPMI_FLEET_TIMEOUT x 4, 8 s by
+                # default), is not asked again in this job: a dead BMC costs one timeout.
                 spent_it_all = (isinstance(exc, CallTimeoutError | UnreachableError)
-                                and loop.time() - began >= policy.call_timeout)
+                                and loop.time() - began >= self.budget)
                 if attempt >= attempts or spent_it_all:
                     if self.guard is not None and exc.code in COUNTED:
                         await loop.run_in_executor(None, self.guard.failed, key, exc, node)

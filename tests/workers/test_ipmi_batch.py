@@ -276,3 +276,22 @@ def test_nodes_still_running_at_the_chunk_time_limit_are_reported_as_timed_out(
     assert took < 2.5  # the slow reads were given up at the limit, not waited for
     assert seen.get("rb") == 3, seen
     assert context.metrics._inflight.get("rb") == 0  # and counted out when cancelled
+
+
+def test_a_dead_bmc_costs_one_timeout_not_one_per_attempt(
+    ctx: Any, sim: tuple[ipmi_bmc.IpmiFleet, list[str]]
+) -> None:
+    """The client gave up after all its retransmissions (4 x 0.5 s here), short of the
+    call timeout (3 s): the BMC is not asked again in this job."""
+    peer, names = sim
+    dead = names[2]
+    peer.fault(dead, "no_answer")
+    store: Store = ctx.store
+    new_job(store, "c9", "off", 3)
+    began = time.monotonic()
+    counts = tasks.execute_chunk(ctx, "c9", "off", names[:3], {"chunk": 0}, "w1")
+    took = time.monotonic() - began
+    assert (counts["ok"], counts["error"]) == (2, 1)
+    error = store.results("c9")[dead]["error"]
+    assert error["code"] in ("timeout", "unreachable") and error["attempt"] == 1, error
+    assert took < 3.5, took  # one client budget (2 s), not two attempts and a back-off
