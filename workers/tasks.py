@@ -7,6 +7,7 @@ bounded thread pool; the policy keeps one call in flight per BMC.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import threading
@@ -265,7 +266,11 @@ def _execute_chunk(
                                        cancel=cancel, deadline=deadline, emit=emit,
                                        skip=in_doubt, every=FLUSH_EVERY, tick=tick)
         except redis.RedisError:
+            # The batch's journal could not be written: it stopped. Keep the results of
+            # the nodes that finished if the store takes them; the chunk goes back.
             cancel.stop()
+            with contextlib.suppress(redis.RedisError):
+                flush()
             raise
         except Exception:
             # A bug: nodes it reported are done; a read goes again one by one, but an

@@ -159,35 +159,47 @@ def test_a_redelivered_chunk_in_the_batch_never_cycles_twice(
 
 
 def test_a_journal_that_cannot_be_written_sends_nothing_more_and_the_next_delivery_finishes(
-    ctx: Any, sim: tuple[ipmi_bmc.IpmiFleet, list[str]], monkeypatch: pytest.MonkeyPatch
+    redis_server: Any, prefix: str, secret_key: str, tmp_path: Path,
+    fleet: tuple[ipmi_bmc.IpmiFleet, list[SimNode]], sim: tuple[ipmi_bmc.IpmiFleet, list[str]],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     peer, names = sim
     nodes = names[:6]
-    store: Store = ctx.store
+    late = nodes[0]
+    peer.fault(late, "slow", 0.3)  # its power-on phase comes well after the others finished
+    context = make_ctx(redis_server, prefix, secret_key, tmp_path, fleet[1],
+                       POWERQ_IPMI_FLEET_TIMEOUT="3")
+    store: Store = context.store
     new_job(store, "c3", "cycle", len(nodes))
     real = store.journal_many
 
-    def down_at_power_on(job_id: str, entries: Any, worker: str) -> None:
+    def down_at_its_power_on(job_id: str, entries: Any, worker: str) -> None:
         entries = list(entries)
-        if any(action == "cycle:on" for _, action in entries):  # a fault at an exact instant
+        if (late, "cycle:on") in entries:  # a fault at an exact instant
             raise redis.ConnectionError("store down")
         real(job_id, entries, worker)
 
-    monkeypatch.setattr(store, "journal_many", down_at_power_on)
-    with pytest.raises(redis.ConnectionError):
-        tasks.execute_chunk(ctx, "c3", "cycle", nodes, {"chunk": 0}, "w1")
-    peers = peer.nodes()
-    for name in nodes:  # powered off (journaled), never powered on (not journaled)
-        assert peers[name]["power"] == "off" and peers[name]["counts"]["on"] == 0, name
-    assert store.results("c3") == {}  # no node reported: the chunk goes back whole
-    monkeypatch.setattr(store, "journal_many", real)
-    counts = tasks.execute_chunk(ctx, "c3", "cycle", nodes, {"chunk": 0}, "w2")  # redelivered
-    assert counts["ok"] == len(nodes)
+    monkeypatch.setattr(store, "journal_many", down_at_its_power_on)
+    try:
+        with pytest.raises(redis.ConnectionError):
+            tasks.execute_chunk(context, "c3", "cycle", nodes, {"chunk": 0}, "w1")
+        peers = peer.nodes()
+        # powered off (journaled), never powered on (not journaled), not reported
+        assert peers[late]["power"] == "off" and peers[late]["counts"]["on"] == 0
+        # the others finished before the store broke: their results were kept
+        assert sorted(store.results("c3")) == sorted(nodes[1:])
+        monkeypatch.setattr(store, "journal_many", real)
+        counts = tasks.execute_chunk(context, "c3", "cycle", nodes, {"chunk": 0}, "w2")  # again
+    finally:
+        tasks._contexts.pop(id(context.config), None)
+        fastpath.close_fleet_client()
+    assert counts["ok"] == 1  # only the node left over
     peers = peer.nodes()
     for name in nodes:
         assert peers[name]["power"] == "on", name
         # in doubt after "cycle:off" and found off: powered on; cycled exactly once in all
         assert (peers[name]["counts"]["off"], peers[name]["counts"]["on"]) == (1, 1), name
+    assert store.results("c3")[late]["note"] == "was off: powered on"
 
 
 def test_a_busy_bmc_is_retried_then_reported_and_the_others_go_on(
