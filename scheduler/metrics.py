@@ -122,14 +122,23 @@ class MetricsRecorder:
     @contextlib.contextmanager
     def in_flight(self, rack: str | None) -> Iterator[None]:
         """Count a driver call of ``rack`` as running for the duration of the block."""
-        rack = rack or "unknown"
-        with self._lock:
-            self._inflight[rack] = self._inflight.get(rack, 0) + 1
+        self.call_started(rack)
         try:
             yield
         finally:
-            with self._lock:
-                self._inflight[rack] -= 1
+            self.call_ended(rack)
+
+    def call_started(self, rack: str | None) -> None:
+        """A driver call of ``rack`` is running (:meth:`in_flight` without the context
+        manager, for the IPMI batch's coroutines: a hot path)."""
+        rack = rack or "unknown"
+        with self._lock:
+            self._inflight[rack] = self._inflight.get(rack, 0) + 1
+
+    def call_ended(self, rack: str | None) -> None:
+        rack = rack or "unknown"
+        with self._lock:
+            self._inflight[rack] -= 1
 
     def timed(self, power_type: str, rack: str | None, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` (one driver call) counted in flight and timed; returns its value."""

@@ -39,6 +39,7 @@ log = logging.getLogger("powerq.worker")
 
 FLUSH_EVERY = 0.25  # seconds between result writes while a chunk runs
 FLUSH_SIZE = 200  # results per pipelined write at most
+METRICS_EVERY = 1.0  # seconds between a running chunk's metric writes
 
 
 @dataclass
@@ -235,14 +236,19 @@ def _execute_chunk(
     wait_for_plan = last_start - ctx.admission.now() if gates else 0.0
     deadline = time.monotonic() + ctx.config.task_time_limit + max(0.0, wait_for_plan)
 
-    def flush() -> None:
-        nonlocal pending, last_flush
+    last_metrics = time.monotonic()
+
+    def flush(final: bool = False) -> None:
+        nonlocal pending, last_flush, last_metrics
         if pending:
             ctx.store.record_results(job_id, pending)
             pending = []
-        if ctx.metrics is not None:  # observability (issue 7)
+        now = last_flush = time.monotonic()
+        # observability (issue 7): at most once a second while the chunk runs (the
+        # worker's heartbeat writes them too), and when it ends
+        if ctx.metrics is not None and (final or now - last_metrics >= METRICS_EVERY):
             ctx.metrics.flush()
-        last_flush = time.monotonic()
+            last_metrics = now
 
     if fastpath.enabled(ctx.config, action, bool(gates)) and not cancel.event.is_set():
         # The IPMI fleet hot path (issue 4): this chunk's IPMI nodes in one batch.
@@ -258,7 +264,7 @@ def _execute_chunk(
                 flush()
 
         def tick() -> None:
-            if time.monotonic() - last_flush >= FLUSH_EVERY:
+            if pending and time.monotonic() - last_flush >= FLUSH_EVERY:
                 flush()
 
         try:
@@ -321,7 +327,7 @@ def _execute_chunk(
                     _count_result(ctx, late)  # issue 7
                     pending.append(late.to_dict())
                 break
-        flush()
+        flush(final=True)
     except BaseException:
         # The chunk is going back to the broker (or the worker is stopping): let no node
         # start, and wait for the calls under way to end before the chunk can be delivered
