@@ -187,7 +187,8 @@ class _Batch:
         tasks = {loop.create_task(self._node(*entry)): entry for entry in picked}
         if not tasks:
             return []
-        done, pending = await asyncio.wait(tasks, timeout=max(0.0, limit))
+        timeout = None if limit == float("inf") else max(0.0, limit)
+        done, pending = await asyncio.wait(tasks, timeout=timeout)
         for task in pending:
             task.cancel()
         if pending:
