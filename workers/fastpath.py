@@ -52,7 +52,7 @@ from drivers.errors import (
     UnreachableError,
     UnsupportedError,
 )
-from drivers.ipmi import PYGHMI_BOOT_DEVICES
+from drivers.ipmi import PYGHMI_BOOT_DEVICES, IPMISettings, lean_target
 
 from .bmcguard import COUNTED, parked_error
 from .policy import Action, Cancelled, NodeResult, Outcome, Step, action_steps, ended_by
@@ -188,7 +188,7 @@ class _Batch:
         if not tasks:
             return []
         timeout = None if limit == float("inf") else max(0.0, limit)
-        done, pending = await asyncio.wait(tasks, timeout=timeout)
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
         for task in pending:
             task.cancel()
         if pending:
@@ -357,8 +357,6 @@ def run_batch(ctx: Any, job_id: str | None, action: str, names: list[str], recor
     could not start). ``deadline`` (monotonic): nodes still running then are cancelled
     and reported as timed out. Raises a Redis error if the batch's journal could not be
     written: the nodes it did not act on are neither reported nor left."""
-    from drivers.ipmi import IPMISettings, lean_target
-
     skipped = set(skip)
     picked: dict[str, tuple[str, Any, Any]] = {}  # bmc_key -> (node, target, settings)
     rest: list[str] = []

@@ -296,10 +296,13 @@ class NodeRunner:
                 and str(id(driver)) not in driver.bmc_key())
 
     @property
-    def _action_leases(self) -> threading.local:
-        local = self.__dict__.get("_leases_local")
+    def _local(self) -> threading.local:
+        """This thread's state of the action it runs: ``keys``, the BMC leases it holds
+        for the whole action; ``before``, the hook to run before the next call's retries
+        (a power-on's new budget slot)."""
+        local = self.__dict__.get("_thread_local")
         if local is None:
-            local = self.__dict__["_leases_local"] = threading.local()
+            local = self.__dict__["_thread_local"] = threading.local()
         return local
 
     def _bounded(self, driver: PowerDriver, fn: Callable[[], T], lock: threading.Lock) -> T:
@@ -373,11 +376,11 @@ class NodeRunner:
         key = driver.bmc_key()
         lock = self.locks.get(key)
         guard = self.guard if self.guard is not None and str(id(driver)) not in key else None
-        held = key in getattr(self._action_leases, "keys", ())  # this action holds the lease
+        held = key in getattr(self._local, "keys", ())  # this action holds the lease
         attempt_fn: Callable[[], T] = fn if guard is None or held else (lambda: guard.run(key, fn))
         attempts = self.settings.max_attempts if retry else 1
-        before_retry: Callable[[int], None] | None = getattr(self._retry_hooks, "before", None)
-        self._retry_hooks.before = None  # for this call only, not the confirming queries
+        before_retry: Callable[[int], None] | None = getattr(self._local, "before", None)
+        self._local.before = None  # for this call only, not the confirming queries
         for attempt in range(1, attempts + 1):
             result.attempts += 1
             began = self.clock()
@@ -461,11 +464,11 @@ class NodeRunner:
                 key = driver.bmc_key()
                 assert self.guard is not None
                 with self.guard.holding(key):
-                    self._action_leases.keys = {key}
+                    self._local.keys = {key}
                     try:
                         self._run(driver, Action(action), options, result, gate, on_act)
                     finally:
-                        self._action_leases.keys = set()
+                        self._local.keys = set()
             else:
                 self._run(driver, Action(action), options, result, gate, on_act)
         except (Cancelled, PowerError, ValueError) as exc:
@@ -518,13 +521,6 @@ class NodeRunner:
                 result)
         raise UnsupportedError(f"step {kind}")  # pragma: no cover - action_steps is exhaustive
 
-    @property
-    def _retry_hooks(self) -> threading.local:
-        local = self.__dict__.get("_retry_local")
-        if local is None:
-            local = self.__dict__["_retry_local"] = threading.local()
-        return local
-
     def _power_on(
         self, driver: PowerDriver, result: NodeResult, gate: Gate | None,
         send: Callable[[], None] | None = None, *, retry: bool = True,
@@ -560,11 +556,11 @@ class NodeRunner:
             finally:
                 gate.sent(number)
 
-        self._retry_hooks.before = readmit
+        self._local.before = readmit
         try:
             self.call(driver, attempt, result, retry=retry)
         finally:
-            self._retry_hooks.before = None
+            self._local.before = None
 
     def _settle(self, driver: PowerDriver, wanted: PowerState, result: NodeResult) -> None:
         if not driver.capabilities.power_query:
